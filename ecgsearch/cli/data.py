@@ -1,0 +1,5 @@
+"""Subcommands: data (filled by its owner)."""
+
+
+def register(sub):
+    pass
