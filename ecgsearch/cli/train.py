@@ -1,5 +1,108 @@
-"""Subcommands: train (filled by its owner)."""
+"""Subcommands: train, evaluate, predict."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ecgsearch.leads import parse_leads
 
 
-def register(sub):
-    pass
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train one model on a prepared cache")
+    p.add_argument("--data", required=True, help="prepared cache folder (ecgsearch data prepare)")
+    p.add_argument("--model", help="registered model name, e.g. resnet1d, mlresnet_tiny")
+    p.add_argument("--task", help="rhythm | superclass | age | reconstruct")
+    p.add_argument("--leads", help="comma-separated input leads, e.g. I,II,V2 (default: all 12)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--out", default="runs/train", help="output folder (model.ckpt, metrics.json)")
+    p.add_argument("--config", help="JSON TrainConfig, or a study's best.json")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set lr=3e-4 --set model_kwargs.dropout=0.3")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last/model.ckpt")
+    p.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a checkpoint on a cache split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--bootstrap", type=int, help="bootstrap resamples for CIs (default: the checkpoint's)")
+    e.add_argument("--drop-leads", help="comma-separated leads removed at inference")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a summary")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("predict", help="run a checkpoint on WFDB records (any rate, any lead order)")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("records", nargs="+", help="WFDB record paths without extension")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_predict)
+
+
+def _config(args):
+    from ecgsearch.engine import TrainConfig, apply_overrides
+
+    cfg = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+    direct = {"model": args.model, "task": args.task, "epochs": args.epochs,
+              "leads": parse_leads(args.leads) if args.leads else None}
+    cfg = cfg.replace(**{k: v for k, v in direct.items() if v is not None})
+    return apply_overrides(cfg, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ecgsearch.engine import evaluate, train
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = _config(args)
+    out = Path(args.out)
+    resume = out / "last" / "model.ckpt" if args.resume else None
+    if resume is not None and not resume.exists():
+        raise FileNotFoundError(f"--resume given but {resume} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    result = train(cfg, args.data, out, resume_from=resume)
+    metrics = {"config": cfg.to_dict(), "best_epoch": result.best_epoch, "precision": result.state.precision,
+               "val": evaluate(result.state, args.data, "val"), "test": evaluate(result.state, args.data, "test")}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    _summary(metrics["test"], result.state.cfg.task, "test")
+    print(f"wrote {out / 'model.ckpt'} and {out / 'metrics.json'}")
+    return 0
+
+
+def _summary(m: dict, task: str, split: str) -> None:
+    keys = [k for k in ("macro_auprc", "macro_auroc", "mae", "r2", "mean_r", "mean_rmse") if k in m]
+    parts = []
+    for k in keys:
+        ci = m.get("ci", {}).get(k)
+        parts.append(f"{k}={m[k]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+    print(f"{task} {split} (n={m.get('n_records')}): " + "  ".join(parts))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ecgsearch.engine import evaluate, load_checkpoint
+
+    ck = load_checkpoint(args.checkpoint)
+    drop = parse_leads(args.drop_leads) if args.drop_leads else ()
+    m = evaluate(ck, args.data, args.split, bootstrap=args.bootstrap, drop_leads=drop)
+    if args.json:
+        json.dump(m, sys.stdout, indent=2, default=float)
+        print()
+    else:
+        _summary(m, ck.cfg.task, args.split)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ecgsearch.engine import predict_records
+
+    rows = predict_records(args.checkpoint, args.records)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return 0
+    cols = [c for c in rows[0] if c not in ("record",)]
+    print("\t".join(["record"] + cols))
+    for r in rows:
+        print("\t".join([r["record"]] + [f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols]))
+    return 0

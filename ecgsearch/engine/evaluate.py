@@ -1,0 +1,87 @@
+"""Scoring checkpoints on cache splits, and serving them on arbitrary WFDB records."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ecgsearch.engine import prep as P
+from ecgsearch.engine.checkpoint import Checkpoint, load_checkpoint
+from ecgsearch.engine.inputs import conform
+from ecgsearch.engine.runtime import autocast, pick_device, resolve_precision
+from ecgsearch.engine.train import open_data
+from ecgsearch.leads import parse_leads
+
+
+def _as_checkpoint(ck) -> Checkpoint:
+    return ck if isinstance(ck, Checkpoint) else load_checkpoint(ck)
+
+
+def evaluate(ck: Checkpoint | str | Path, data, split: str = "test", *, bootstrap: int | None = None,
+             drop_leads=(), seed: int = 0, splits: dict | None = None) -> dict:
+    """The task's metrics for a checkpoint on one split (with bootstrap CIs when bootstrap > 0).
+
+    `drop_leads` scores the model with those leads removed at inference (the RLE's eval mode).
+    """
+    ck = _as_checkpoint(ck)
+    data = open_data(data)
+    drop = parse_leads(drop_leads) if drop_leads else ()
+    if drop and not set(drop) <= set(ck.leads):
+        raise ValueError(f"cannot drop lead(s) {', '.join(sorted(set(drop) - set(ck.leads)))}: "
+                         f"the model reads only {','.join(ck.leads)}")
+    if drop and len(drop) == len(ck.leads):
+        raise ValueError("cannot drop every lead the model reads")
+    prep = P.from_checkpoint(ck, data)
+    idx = P.split_indices(data, prep.task, splits or ck.cfg.splits, split)
+    device = pick_device()
+    precision = resolve_precision(ck.precision if ck.precision in ("bf16", "fp32") else "auto", device)
+    model = ck.model.to(device)
+    y, p = P.predict(model, prep, data, idx, batch_size=128, device=device, precision=precision, drop_leads=drop)
+    n_boot = ck.cfg.bootstrap if bootstrap is None else bootstrap
+    metrics = prep.task.compute_metrics(y, p, bootstrap=n_boot, seed=seed)
+    metrics["split"] = split
+    metrics["n_records"] = int(len(idx))
+    if drop:
+        metrics["dropped_leads"] = list(drop)
+    return metrics
+
+
+def predict_records(ck: Checkpoint | str | Path, paths) -> list[dict]:
+    """Predictions for WFDB records of any rate and lead order: one dict per record.
+
+    Leads are picked by name, resampled to the model's rate and centred to its length. A record
+    lacking a lead the model needs is an error naming the record and the lead.
+    """
+    from ecgsearch.data.signal import pick_leads, read_any_record
+
+    ck = _as_checkpoint(ck)
+    prep_task = P.from_checkpoint(ck, _NoData())
+    device = pick_device()
+    precision = resolve_precision(ck.precision if ck.precision in ("bf16", "fp32") else "auto", device)
+    model = ck.model.to(device).eval()
+    rows = []
+    for path in paths:
+        x, fs, names = read_any_record(path)
+        try:
+            x = pick_leads(x, names, ck.leads)
+        except ValueError as exc:
+            raise ValueError(f"record {path}: {exc}") from None
+        x = conform(x[None].astype(np.float32), fs, ck.fs, ck.n_samples)
+        x = ck.norm.apply(x).astype(np.float32)
+        with torch.no_grad(), autocast(device, precision):
+            out = model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+        pred = P.decode(prep_task, out)[0]
+        row = {"record": str(path), "fs_in": int(fs)}
+        if prep_task.task.kind == "reconstruction":
+            row["reconstruction_shape"] = list(pred.shape)
+        else:
+            row.update({name: float(v) for name, v in zip(prep_task.task.output_names, np.ravel(pred))})
+        rows.append(row)
+    return rows
+
+
+class _NoData:
+    """Stands in for a cache when only the checkpoint's preprocessing is needed (no records read)."""
+    fs = 0
+    n_samples = 0

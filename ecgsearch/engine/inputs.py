@@ -1,0 +1,92 @@
+"""From a prepared cache to model-ready float32 batches.
+
+Batches are read straight from the memory-mapped cache, a few records at a time, so
+concurrent trials and DDP workers on one node share the OS page cache instead of
+each holding a private float copy of the dataset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ecgsearch.data import signal as sig
+from ecgsearch.leads import lead_indices
+
+# ResNet1d downsamples by 4 four times; U-ResNet halves up to 8 times: a multiple of 256
+# satisfies every registered architecture (1000 -> 1024 at 100 Hz, 4000 -> 4096 at 400 Hz).
+SAMPLE_MULTIPLE = 256
+
+
+def resolve_geometry(source_fs: int, source_len: int, target_fs: int | None,
+                     n_samples: int | None) -> tuple[int, int]:
+    """(model sampling rate, model input length) for a cache of `source_len` samples at `source_fs`."""
+    fs = int(target_fs or source_fs)
+    resampled = int(round(source_len * fs / source_fs))
+    if n_samples is None:
+        n_samples = -(-resampled // SAMPLE_MULTIPLE) * SAMPLE_MULTIPLE
+    return fs, int(n_samples)
+
+
+@dataclass
+class Normalizer:
+    """Per-lead standardisation, fit on training folds only and stored in the checkpoint."""
+    leads: tuple[str, ...]
+    mean: np.ndarray  # (n_leads,)
+    std: np.ndarray   # (n_leads,)
+
+    @classmethod
+    def fit(cls, x: np.ndarray, leads: tuple[str, ...]) -> "Normalizer":
+        """x: (n, n_leads, T) mV from training records."""
+        mean = x.mean(axis=(0, 2), dtype=np.float64)
+        std = x.std(axis=(0, 2), dtype=np.float64)
+        flat = [lead for lead, s in zip(leads, std) if not s > 1e-8]
+        if flat:
+            raise ValueError(f"lead(s) {', '.join(flat)} are flat over the training folds; cannot normalise")
+        return cls(tuple(leads), mean.astype(np.float32), std.astype(np.float32))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean[None, :, None]) / self.std[None, :, None]
+
+    def invert(self, x: np.ndarray) -> np.ndarray:
+        return x * self.std[None, :, None] + self.mean[None, :, None]
+
+    def to_dict(self) -> dict:
+        return {"leads": list(self.leads), "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalizer":
+        return cls(tuple(d["leads"]), np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32))
+
+    def subset(self, leads: tuple[str, ...]) -> "Normalizer":
+        idx = lead_indices(leads, self.leads)
+        return Normalizer(tuple(leads), self.mean[idx], self.std[idx])
+
+
+def conform(x: np.ndarray, fs_in: int, fs: int, n_samples: int) -> np.ndarray:
+    """Resample (n, C, T) mV to `fs` and centre-pad/crop to `n_samples`, as float32."""
+    if int(fs_in) != int(fs):
+        x = sig.resample(x, int(fs_in), int(fs))
+    return np.ascontiguousarray(sig.pad_or_crop(x, n_samples), dtype=np.float32)
+
+
+class SignalSource:
+    """Reads model-geometry signals (mV, not normalised) for record indices of one cache."""
+
+    def __init__(self, data, leads: tuple[str, ...], fs: int, n_samples: int):
+        self.data, self.leads, self.fs, self.n_samples = data, tuple(leads), int(fs), int(n_samples)
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx)
+        # Sorted reads keep the memory-mapped access sequential; undo the order afterwards.
+        order = np.argsort(idx, kind="stable")
+        x = self.data.signals_mv(idx[order], leads=self.leads)
+        out = np.empty_like(x)
+        out[order] = x
+        return conform(out, self.data.fs, self.fs, self.n_samples)
+
+    def read_many(self, idx: np.ndarray, chunk: int = 512) -> np.ndarray:
+        parts = [self.read(idx[i:i + chunk]) for i in range(0, len(idx), chunk)]
+        if not parts:
+            return np.zeros((0, len(self.leads), self.n_samples), np.float32)
+        return np.concatenate(parts)

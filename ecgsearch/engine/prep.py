@@ -1,0 +1,133 @@
+"""Everything between a cache and a loss: split indices, targets, normalisation, batches.
+
+Shared by `train` and `evaluate` so a checkpoint is scored with exactly the preprocessing
+it was trained with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ecgsearch.engine.config import TrainConfig
+from ecgsearch.engine.inputs import Normalizer, SignalSource, resolve_geometry
+from ecgsearch.engine.runtime import autocast
+from ecgsearch.leads import LEADS, lead_indices
+from ecgsearch.tasks import Task, get_task
+
+# Records used to fit the per-lead normaliser: enough for stable moments, cheap on full PTB-XL.
+NORM_FIT_RECORDS = 2000
+
+
+@dataclass
+class Prepared:
+    task: Task
+    leads: tuple[str, ...]          # model input leads
+    source: SignalSource            # reads input leads, or all 12 for reconstruction
+    in_pos: list[int] | None        # reconstruction: input lead positions within the 12
+    norm: Normalizer
+    target_norm: Normalizer | None  # reconstruction: the 12-lead target normaliser
+    target_state: dict
+
+    @property
+    def fs(self) -> int:
+        return self.source.fs
+
+    @property
+    def n_samples(self) -> int:
+        return self.source.n_samples
+
+    @property
+    def num_outputs(self) -> int:
+        return len(LEADS) if self.task.kind == "reconstruction" else self.task.num_outputs()
+
+
+def split_indices(data, task: Task, splits: dict, split: str) -> np.ndarray:
+    """Record indices of a split, less those the task cannot use (e.g. missing age)."""
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(splits)}")
+    folds = data.meta["strat_fold"].to_numpy()
+    idx = np.flatnonzero(np.isin(folds, splits[split]))
+    if len(idx):
+        idx = idx[task.sample_mask(data, idx)]
+    if len(idx) == 0:
+        raise ValueError(f"split {split!r} (folds {splits[split]}) holds no usable records for task {task.name!r}")
+    return idx
+
+
+def fit(cfg: TrainConfig, data) -> tuple[Prepared, np.ndarray]:
+    """Resolve geometry, fit normalisers and target state on the training folds only."""
+    task = get_task(cfg.task)
+    fs, n_samples = resolve_geometry(data.fs, data.n_samples, cfg.target_fs, cfg.n_samples)
+    train_idx = split_indices(data, task, cfg.splits, "train")
+    recon = task.kind == "reconstruction"
+    source = SignalSource(data, LEADS if recon else cfg.leads, fs, n_samples)
+    rng = np.random.default_rng(cfg.seed)
+    sample = np.sort(rng.permutation(train_idx)[:NORM_FIT_RECORDS])
+    x = source.read_many(sample)
+    full_norm = Normalizer.fit(x, source.leads)
+    if recon:
+        norm, target_norm, target_state = full_norm.subset(cfg.leads), full_norm, {}
+    else:
+        norm, target_norm = full_norm, None
+        target_state = task.fit_target_state(task.targets(data, train_idx))
+    prep = Prepared(task, tuple(cfg.leads), source, lead_indices(cfg.leads) if recon else None,
+                    norm, target_norm, target_state)
+    return prep, train_idx
+
+
+def from_checkpoint(ck, data) -> Prepared:
+    task = get_task(ck.cfg.task)
+    recon = task.kind == "reconstruction"
+    source = SignalSource(data, LEADS if recon else ck.leads, ck.fs, ck.n_samples)
+    return Prepared(task, tuple(ck.leads), source, lead_indices(ck.leads) if recon else None,
+                    ck.norm, ck.target_norm, ck.target_state)
+
+
+def batch(prep: Prepared, data, idx: np.ndarray, with_natural: bool = False):
+    """(x normalised, y encoded[, y natural]) float32 arrays for record indices `idx`."""
+    raw = prep.source.read(idx)
+    if prep.in_pos is not None:
+        x = prep.norm.apply(raw[:, prep.in_pos])
+        y = prep.target_norm.apply(raw)
+        natural = raw
+    else:
+        x = prep.norm.apply(raw)
+        natural = prep.task.targets(data, idx)
+        y = prep.task.encode_targets(natural, prep.target_state)
+    out = (x.astype(np.float32), np.asarray(y, np.float32))
+    return out + (natural,) if with_natural else out
+
+
+def decode(prep: Prepared, out: np.ndarray) -> np.ndarray:
+    if prep.target_norm is not None:
+        return prep.target_norm.invert(out)
+    return prep.task.decode_outputs(out, prep.target_state)
+
+
+@torch.no_grad()
+def predict(model, prep: Prepared, data, idx: np.ndarray, *, batch_size: int, device, precision: str,
+            drop_leads: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(y natural, prediction natural) over `idx`, in eval mode.
+
+    `drop_leads` removes leads at inference: ML-ResNet skips their branches, every other model
+    sees them zeroed (0 is the training mean after normalisation, i.e. an uninformative lead).
+    """
+    drop_pos = lead_indices(drop_leads, prep.leads) if drop_leads else []
+    mask = None
+    if drop_pos and hasattr(model, "select_leads"):
+        mask = torch.ones(len(prep.leads), dtype=torch.bool)
+        mask[drop_pos] = False
+    model.eval()
+    ys, ps = [], []
+    for i in range(0, len(idx), batch_size):
+        x, _, y_nat = batch(prep, data, idx[i:i + batch_size], with_natural=True)
+        if drop_pos and mask is None:
+            x[:, drop_pos] = 0.0
+        xt = torch.from_numpy(x).to(device)
+        with autocast(device, precision):
+            out = model(xt) if mask is None else model(xt, lead_mask=mask.to(device))
+        ps.append(decode(prep, out.float().cpu().numpy()))
+        ys.append(np.asarray(y_nat))
+    return np.concatenate(ys), np.concatenate(ps)

@@ -1,0 +1,86 @@
+"""`ecgsearch train / evaluate / predict` end to end on real files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import wfdb
+from scipy.signal import resample_poly
+
+from ecgsearch.cli import main
+from ecgsearch.leads import LEADS
+
+
+@pytest.fixture(scope="module")
+def trained(synth_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    rc = main(["train", "--data", str(synth_cache), "--model", "resnet1d_tiny", "--task", "rhythm",
+               "--leads", "V1,I,II", "--epochs", "2", "--out", str(out), "--set", "threads=1",
+               "--set", "bootstrap=100", "--set", "precision=\"fp32\""])
+    assert rc == 0
+    return out
+
+
+def test_train_writes_checkpoint_and_metrics(trained):
+    m = json.loads((trained / "metrics.json").read_text())
+    assert m["config"]["leads"] == ["I", "II", "V1"]  # canonical order
+    for split in ("val", "test"):
+        s = m[split]
+        assert 0 <= s["macro_auprc"] <= 1 and 0 <= s["macro_auroc"] <= 1
+        assert set(s["auprc"]) == {"1AVB", "CRBBB", "CLBBB", "SBRAD", "AFIB", "STACH"}
+    lo, hi = m["test"]["ci"]["macro_auroc"]
+    assert lo <= m["test"]["macro_auroc"] <= hi
+    assert (trained / "model.ckpt").exists() and (trained / "last" / "model.ckpt").exists()
+
+
+def test_evaluate_json_matches_metrics_file(trained, synth_cache, capsys):
+    rc = main(["evaluate", "--checkpoint", str(trained / "model.ckpt"), "--data", str(synth_cache),
+               "--split", "test", "--bootstrap", "0", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    ref = json.loads((trained / "metrics.json").read_text())["test"]
+    assert out["macro_auroc"] == pytest.approx(ref["macro_auroc"])
+
+
+def test_predict_reads_any_rate_order_and_case(trained, synth_root, tmp_path, capsys):
+    rec = sorted((synth_root / "records100").rglob("*.hea"))[0].with_suffix("")
+    x, fields = wfdb.rdsamp(str(rec))
+    # Same signal, channels shuffled, lower-case names, an extra channel: identical predictions.
+    order = [7, 0, 11, 3, 1, 6, 2, 4, 5, 8, 9, 10]
+    names = [fields["sig_name"][i].lower() for i in order] + ["resp"]
+    sig = np.column_stack([x[:, order], np.zeros(len(x))])
+    wfdb.wrsamp("shuffled", fs=100, units=["mV"] * 13, sig_name=names, p_signal=sig, fmt=["16"] * 13,
+                write_dir=str(tmp_path))
+    # The same signal at 200 Hz: close predictions after resampling back to the model's rate.
+    up = resample_poly(x, 2, 1, axis=0)
+    wfdb.wrsamp("fast", fs=200, units=["mV"] * 12, sig_name=list(fields["sig_name"]), p_signal=up,
+                fmt=["16"] * 12, write_dir=str(tmp_path))
+    ckpt = str(trained / "model.ckpt")
+    assert main(["predict", "--checkpoint", ckpt, str(rec), str(tmp_path / "shuffled"),
+                 str(tmp_path / "fast"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["fs_in"] for r in rows] == [100, 100, 200]
+    codes = ["1AVB", "CRBBB", "CLBBB", "SBRAD", "AFIB", "STACH"]
+    a, b, c = (np.array([r[k] for k in codes]) for r in rows)
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    np.testing.assert_allclose(a, c, atol=0.05)
+    assert ((a >= 0) & (a <= 1)).all()
+
+
+def test_predict_names_the_missing_lead(trained, tmp_path, capsys):
+    sig = np.random.default_rng(0).normal(0, 0.1, (1000, 11))
+    names = [n for n in LEADS if n != "V1"]
+    wfdb.wrsamp("nov1", fs=100, units=["mV"] * 11, sig_name=names, p_signal=sig, fmt=["16"] * 11,
+                write_dir=str(tmp_path))
+    rc = main(["predict", "--checkpoint", str(trained / "model.ckpt"), str(tmp_path / "nov1")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "V1" in err and "nov1" in err
+
+
+def test_train_rejects_bad_settings(synth_cache, tmp_path, capsys):
+    rc = main(["train", "--data", str(synth_cache), "--model", "resnet1d_nope", "--task", "rhythm",
+               "--epochs", "1", "--out", str(tmp_path)])
+    assert rc == 2 and "resnet1d_nope" in capsys.readouterr().err
+    rc = main(["train", "--data", str(synth_cache), "--leads", "I,II,I", "--out", str(tmp_path)])
+    assert rc == 2 and "more than once" in capsys.readouterr().err
