@@ -36,10 +36,21 @@ class Normalizer:
     std: np.ndarray   # (n_leads,)
 
     @classmethod
-    def fit(cls, x: np.ndarray, leads: tuple[str, ...]) -> "Normalizer":
-        """x: (n, n_leads, T) mV from training records."""
-        mean = x.mean(axis=(0, 2), dtype=np.float64)
-        std = x.std(axis=(0, 2), dtype=np.float64)
+    def fit(cls, chunks, leads: tuple[str, ...]) -> "Normalizer":
+        """Per-lead moments over an iterable of (n, n_leads, T) mV chunks from training records.
+
+        Streaming keeps a trial's peak memory at one chunk, whatever the sample size.
+        """
+        n, s1, s2 = 0, 0.0, 0.0
+        for x in chunks:
+            x = x.astype(np.float64)
+            n += x.shape[0] * x.shape[2]
+            s1 = s1 + x.sum(axis=(0, 2))
+            s2 = s2 + np.square(x).sum(axis=(0, 2))
+        if n == 0:
+            raise ValueError("cannot fit a normaliser on zero training records")
+        mean = s1 / n
+        std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
         flat = [lead for lead, s in zip(leads, std) if not s > 1e-8]
         if flat:
             raise ValueError(f"lead(s) {', '.join(flat)} are flat over the training folds; cannot normalise")
@@ -85,8 +96,6 @@ class SignalSource:
         out[order] = x
         return conform(out, self.data.fs, self.fs, self.n_samples)
 
-    def read_many(self, idx: np.ndarray, chunk: int = 512) -> np.ndarray:
-        parts = [self.read(idx[i:i + chunk]) for i in range(0, len(idx), chunk)]
-        if not parts:
-            return np.zeros((0, len(self.leads), self.n_samples), np.float32)
-        return np.concatenate(parts)
+    def iter_chunks(self, idx: np.ndarray, chunk: int = 256):
+        for i in range(0, len(idx), chunk):
+            yield self.read(idx[i:i + chunk])

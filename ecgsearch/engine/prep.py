@@ -65,8 +65,7 @@ def fit(cfg: TrainConfig, data) -> tuple[Prepared, np.ndarray]:
     source = SignalSource(data, LEADS if recon else cfg.leads, fs, n_samples)
     rng = np.random.default_rng(cfg.seed)
     sample = np.sort(rng.permutation(train_idx)[:NORM_FIT_RECORDS])
-    x = source.read_many(sample)
-    full_norm = Normalizer.fit(x, source.leads)
+    full_norm = Normalizer.fit(source.iter_chunks(sample), source.leads)
     if recon:
         norm, target_norm, target_state = full_norm.subset(cfg.leads), full_norm, {}
     else:

@@ -1,0 +1,130 @@
+"""The Tune callback that records a study in MLflow and in `OUT/events.jsonl`.
+
+It runs in the driver, so the tracking store has one writer however many trials run at once
+(a sqlite store would otherwise see several processes writing). What it logs is rank 0's
+report: `TuneReportCallback` forwards exactly that worker's metrics to Tune.
+
+Tune pickles its callbacks into the experiment folder and hands the pickled copy back on
+`Tuner.restore`, so this object keeps only plain settings; the MLflow client and the
+trial -> run map are rebuilt on demand, and runs are found again by their deterministic names.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from ecgsearch.distributed.mlflow_log import Tracker, run_name
+
+log = logging.getLogger("ecgsearch.tune")
+
+# Tune's own bookkeeping keys: not model metrics, so not logged as such.
+_TUNE_KEYS = {"timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
+              "iterations_since_restore", "done", "trial_id", "date", "hostname", "node_ip", "config",
+              "checkpoint_dir_name", "experiment_tag", "should_checkpoint"}
+SYSTEM_KEYS = ("device", "precision", "world_size")
+
+
+def trial_run_name(study: str, trial_id: str) -> str:
+    return run_name(study, f"trial-{trial_id}")
+
+
+def append_event(path: Path, event: str, **fields: Any) -> None:
+    """One JSON line per trial event, tagged with the driver pid (tests tell sessions apart by it)."""
+    row = {"t": round(time.time(), 3), "pid": os.getpid(), "event": event, **fields}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class StudyCallback(Callback):
+    def __init__(self, *, uri: str, experiment: str, parent_id: str, study: str, events: str,
+                 resolver, epochs: int) -> None:
+        self.uri, self.experiment, self.parent_id, self.study = uri, experiment, parent_id, study
+        self.events = events
+        self.resolver = resolver    # sampled trial config -> decoded params / resolved TrainConfig
+        self.epochs = epochs
+        self._tracker: Tracker | None = None
+        self._runs: dict[str, str] = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_tracker"], state["_runs"] = None, {}
+        return state
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.uri, self.experiment)
+        return self._tracker
+
+    def _run_id(self, trial) -> str:
+        if trial.trial_id not in self._runs:
+            params = self.resolver.params(trial.config)
+            run_id = self.tracker.start_child(
+                self.parent_id, trial_run_name(self.study, trial.trial_id),
+                params={k: (v if not isinstance(v, (list, tuple)) else list(v)) for k, v in params.items()},
+                tags={"ecgsearch.kind": "trial", "ecgsearch.study": self.study, "ecgsearch.trial_id": trial.trial_id})
+            self.tracker.log_config(run_id, self.resolver.config(trial.config).to_dict())
+            self._runs[trial.trial_id] = run_id
+        return self._runs[trial.trial_id]
+
+    # -- Tune hooks ----------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        append_event(Path(self.events), "start", trial=trial.trial_id)
+        self._guard(lambda: self._run_id(trial))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        def log_result() -> None:
+            run_id = self._run_id(trial)
+            if all(k in result for k in SYSTEM_KEYS):
+                self.tracker.set_tags(run_id, {f"system.{k}": result[k] for k in SYSTEM_KEYS})
+            metrics = {k: v for k, v in result.items() if k not in _TUNE_KEYS and k not in SYSTEM_KEYS}
+            self.tracker.log_epoch_metrics(run_id, metrics, int(result.get("epoch", 0)))
+        self._guard(log_result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = trial.last_result or {}
+        append_event(Path(self.events), "complete", trial=trial.trial_id,
+                     best_score=_num(last.get("best_score")), epoch=last.get("epoch"))
+        self._guard(lambda: self._finish(trial, last))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        append_event(Path(self.events), "error", trial=trial.trial_id, error=str(trial.error_file or ""))
+        self._guard(lambda: self.tracker.end_run(self._run_id(trial), "FAILED"))
+
+    def _finish(self, trial, last: dict) -> None:
+        from ecgsearch.distributed.raytrain import export_best
+
+        run_id = self._run_id(trial)
+        epoch = int(last.get("epoch", 0) or 0)
+        tags = {"ecgsearch.best_score": last.get("best_score"), "ecgsearch.best_epoch": last.get("best_epoch"),
+                "ecgsearch.last_epoch": epoch}
+        if epoch < self.epochs and not last.get("should_stop"):
+            tags["ecgsearch.stopped_by"] = "asha"   # the scheduler ended it; not early stopping
+        self.tracker.set_tags(run_id, {k: v for k, v in tags.items() if v is not None})
+        ckpt = last.get("checkpoint_path")
+        if ckpt and Path(ckpt).exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                export_best(ckpt, Path(tmp) / "model.ckpt")
+                self.tracker.log_artifact(run_id, Path(tmp) / "model.ckpt", "checkpoint")
+        self.tracker.end_run(run_id, "FINISHED")
+
+    def _guard(self, fn) -> None:
+        # A tracking hiccup must not kill a study that has been training for hours: it is logged
+        # and written to events.jsonl, and the study summary counts it.
+        try:
+            fn()
+        except Exception as exc:
+            log.error("MLflow logging failed: %s", exc)
+            append_event(Path(self.events), "tracking_error", error=f"{type(exc).__name__}: {exc}")
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not math.isnan(float(v)) else None

@@ -1,0 +1,316 @@
+"""A hyperparameter study: Ray Tune + Optuna TPE + ASHA, each trial a Ray Train `TorchTrainer`.
+
+Layout of OUT:
+    study.json        what the study is (model, task, space, base config): `--resume` checks it
+    events.jsonl      trial start/complete/error events, one JSON line each, with the driver pid
+    ray/<study>/      Tune's experiment state (what `Tuner.restore` continues from)
+    train/<study>/trial-<id>/   each trial's Ray Train run: epoch checkpoints, resumable
+    mlflow.db, mlartifacts/     the default MLflow store (sqlite) and its artifacts
+    best.json, best.ckpt        the best trial's resolved TrainConfig + score, and its best weights
+
+Train V2 pattern: the Tune function only drives a TorchTrainer, so it reserves no CPU (the
+workers hold the CPUs/GPUs); reserving one would deadlock a small machine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ecgsearch.distributed.cluster import (ClusterSettings, ensure_ray, max_concurrent_trials, plan_trial_resources,
+                                           require_state_api)
+from ecgsearch.distributed.mlflow_log import Tracker, preflight, tracking_uri_for
+from ecgsearch.distributed.space import (apply_params, check_space_against_model, parse_space, space_for_model,
+                                         space_summary)
+
+log = logging.getLogger("ecgsearch.tune")
+
+METRIC = "best_score"   # each trial's best validation selection metric so far (what its checkpoint holds)
+_TRIAL_MEMORY = 256 * 2**20  # bytes the driving Tune function reserves: it only waits on its trainer
+# What must match between a study and its --resume (anything else may change, e.g. concurrency).
+_IDENTITY = ("study", "model", "task", "trials", "epochs", "seed", "space_sha256", "base_config",
+             "workers_per_trial", "tracking_uri")
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """The study stopped before every trial finished (Ctrl-C, SIGTERM, driver shutdown)."""
+
+
+class StudyFailed(RuntimeError):
+    """Every trial failed: the message carries each distinct root cause."""
+
+
+def _root_cause(err: BaseException) -> str:
+    # Ray wraps a trial's exception in several tracebacks; its last line is what went wrong.
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+@dataclass
+class TuneSettings:
+    data: Path
+    model: str
+    task: str
+    trials: int
+    out: Path = Path("tune-out")
+    workers_per_trial: int = 1
+    gpus_per_trial: float | None = None   # None: one GPU per worker when the cluster has them
+    cpus_per_worker: float = 1.0
+    max_concurrent: int | None = None     # None: as many as the cluster fits
+    epochs: int | None = None             # None: the base config's
+    search_space: Path | None = None      # None: the packaged space for the model
+    resume: bool = False
+    tracking_uri: str | None = None
+    experiment: str | None = None         # None: "ecgsearch-<task>" (one experiment per task)
+    study_name: str | None = None         # None: "<model>-<task>-<out folder name>"
+    seed: int = 0                         # TPE sampler seed
+    base_config: dict[str, Any] = field(default_factory=dict)  # TrainConfig settings shared by all trials
+    grace_period: int = 1                 # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 2
+    max_failures: int = 2                 # worker-group restarts per trial, each from its last checkpoint
+    register_model: bool = True
+    state_save_period_s: float = 1.0      # Tune experiment-state snapshots: what --resume can recover
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+
+    def validate(self) -> None:
+        for name in ("trials", "workers_per_trial", "grace_period"):
+            v = getattr(self, name)
+            if int(v) != v or v < 1:
+                raise ValueError(f"invalid setting {name.replace('_', '-')}={v}: must be a whole number >= 1")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"invalid setting epochs={self.epochs}: must be >= 1")
+        if self.reduction_factor < 2:
+            raise ValueError(f"invalid setting reduction-factor={self.reduction_factor}: must be >= 2")
+        if not Path(self.data).exists():
+            raise FileNotFoundError(f"data cache {self.data} does not exist (make one with `ecgsearch data prepare`)")
+
+
+class TrialResolver:
+    """Sampled trial config -> decoded params and resolved TrainConfig (picklable: shipped to trials)."""
+
+    def __init__(self, space_text: str, space_source: str, base: dict[str, Any]) -> None:
+        self.space_text, self.space_source, self.base = space_text, space_source, base
+        self._space = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_space": None}
+
+    @property
+    def space(self):
+        if self._space is None:
+            self._space = parse_space(self.space_text, self.space_source)
+        return self._space
+
+    def params(self, sampled: dict[str, Any]) -> dict[str, Any]:
+        return self.space.decode({k: v for k, v in sampled.items() if k in self.space.params})
+
+    def config(self, sampled: dict[str, Any]):
+        from ecgsearch.engine import TrainConfig
+
+        return apply_params(TrainConfig.from_dict(self.base), self.params(sampled))
+
+
+def _trial(config: dict[str, Any], static: dict[str, Any]) -> None:
+    """Tune function: one trial = one TorchTrainer run, named after the trial so a retry resumes it."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ecgsearch.distributed.raytrain import RayTrainSettings, make_trainer
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = static["resolver"].config(config)
+    settings = RayTrainSettings(**static["train"], name=f"trial-{trial_id}")
+    result = make_trainer(cfg, static["data"], settings, callbacks=[TuneReportCallback()]).fit()
+    if result.error is not None:
+        raise result.error
+
+
+@dataclass
+class StudyResult:
+    best: dict[str, Any]          # the content of best.json
+    best_json: Path
+    best_ckpt: Path
+    n_trials: int
+    n_errors: int
+    tracking_errors: int
+    parent_run_id: str
+
+
+def _identity(s: TuneSettings, study: str, space, base: dict, uri: str) -> dict[str, Any]:
+    # The tracking URI is part of it: the resumed driver logs through callbacks pickled by the first.
+    return {"study": study, "model": s.model, "task": s.task, "trials": s.trials, "epochs": base["epochs"],
+            "seed": s.seed, "space": space.label, "space_sha256": space.digest, "base_config": base,
+            "workers_per_trial": s.workers_per_trial, "tracking_uri": uri}
+
+
+def _check_out(s: TuneSettings, exp_dir: Path, ident: dict) -> bool:
+    """True when an existing study is to be continued; errors on a clash."""
+    meta = Path(s.out) / "study.json"
+    if not exp_dir.exists():
+        if s.resume:
+            log.warning("--resume given but %s holds no study yet: starting a new one", s.out)
+        return False
+    if not s.resume:
+        raise ValueError(f"output folder {s.out} already holds study {ident['study']!r}; pass --resume "
+                         "to continue it, or choose another --out")
+    old = json.loads(meta.read_text()) if meta.exists() else {}
+    diff = [k for k in _IDENTITY if json.dumps(old.get(k), sort_keys=True) != json.dumps(ident[k], sort_keys=True)]
+    if diff:
+        raise ValueError(f"cannot resume study in {s.out}: its {', '.join(diff)} differ from this command's")
+    return True
+
+
+def run_study(s: TuneSettings) -> StudyResult:
+    from ecgsearch.engine import TrainConfig
+    from ecgsearch.tasks import get_task
+
+    s.validate()
+    task = get_task(s.task)
+    base_cfg = TrainConfig.from_dict({**s.base_config, "model": s.model, "task": s.task,
+                                      **({"epochs": s.epochs} if s.epochs else {})})
+    space = space_for_model(s.model, s.search_space)
+    check_space_against_model(space, base_cfg)
+    out = Path(s.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    study = s.study_name or f"{s.model}-{s.task}-{out.name}"
+    base = base_cfg.to_dict()
+    uri = tracking_uri_for(out, s.tracking_uri)
+    ident = _identity(s, study, space, base, uri)
+    exp_dir = out / "ray" / study
+    resuming = _check_out(s, exp_dir, ident)
+
+    # Fail fast on tracking before any cluster starts or any trial trains.
+    preflight(uri)
+    (out / "study.json").write_text(json.dumps(ident, indent=2) + "\n")
+
+    import ray
+
+    ensure_ray(s.cluster)
+    require_state_api()
+    res = plan_trial_resources(s.workers_per_trial, s.gpus_per_trial, ray.cluster_resources(), s.cpus_per_worker)
+    concurrent = max_concurrent_trials(res, ray.cluster_resources(), s.max_concurrent, s.trials)
+
+    tracker = Tracker(uri, s.experiment or f"ecgsearch-{s.task}")
+    parent = tracker.start_parent(study, tags={"ecgsearch.kind": "study", "ecgsearch.model": s.model,
+                                               "ecgsearch.task": s.task})
+    try:
+        # Params are what defines the study (a resume must match them); resources are tags, since a
+        # resumed study may run on another cluster.
+        tracker.log_params(parent, {"model": s.model, "task": s.task, "trials": s.trials, "epochs": base["epochs"],
+                                    "search_space": space.label, "seed": s.seed, "workers_per_trial": res.workers,
+                                    "metric": task.selection_metric, "mode": task.mode})
+        tracker.set_tags(parent, {"ecgsearch.max_concurrent": concurrent,
+                                  "ecgsearch.gpus_per_worker": res.gpus_per_worker,
+                                  "ecgsearch.cpus_per_worker": res.cpus_per_worker})
+        tracker.log_dict(parent, space_summary(space), "search_space.json")
+        resolver = TrialResolver(space.text, space.source, base)
+        results = _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, task.mode, uri,
+                       tracker.experiment, parent)
+        outcome = _finish(s, out, study, task, results, resolver, tracker, parent)
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        for closer in (lambda: tracker.close_stale_children(parent, status), lambda: tracker.end_run(parent, status)):
+            try:
+                closer()
+            except Exception as inner:  # keep the original error
+                log.error("could not close MLflow runs: %s", inner)
+        raise
+    tracker.end_run(parent, "FINISHED")
+    return outcome
+
+
+def _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, mode, uri, experiment, parent):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from ecgsearch.distributed.study_log import StudyCallback
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(s.state_save_period_s))
+    static = {"resolver": resolver, "data": str(Path(s.data).resolve()),
+              "train": {"workers": res.workers, "use_gpu": res.use_gpu, "cpus_per_worker": res.cpus_per_worker,
+                        "gpus_per_worker": res.gpus_per_worker or 1.0, "max_failures": s.max_failures,
+                        "storage_path": str(out / "train" / study)}}
+    trainable = tune.with_resources(tune.with_parameters(_trial, static=static),
+                                    {"cpu": 0, "memory": _TRIAL_MEMORY})
+    epochs = resolver.base["epochs"]
+    if resuming:
+        log.info("resuming study %s from %s", study, exp_dir)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        callback = StudyCallback(uri=uri, experiment=experiment, parent_id=parent, study=study,
+                                 events=str(out / "events.jsonl"), resolver=resolver, epochs=epochs)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space.to_tune(),
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode=mode, num_samples=s.trials, max_concurrent_trials=concurrent,
+                search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed)),
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(s.grace_period, epochs),
+                                        reduction_factor=s.reduction_factor)),
+            run_config=tune.RunConfig(name=study, storage_path=str(out / "ray"), callbacks=[callback],
+                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1))
+    return tuner.fit()
+
+
+def _finish(s, out, study, task, results, resolver, tracker, parent) -> StudyResult:
+    from ecgsearch.distributed.raytrain import export_best
+    from ecgsearch.distributed.study_log import trial_run_name
+
+    events = _read_events(out / "events.jsonl")
+    n_track_err = sum(e["event"] == "tracking_error" for e in events)
+    # Tune marks the trials it stops on Ctrl-C as TERMINATED in memory, so count finished trials
+    # from our own ledger: only a real completion or a final error writes one of these events.
+    done = {e["trial"] for e in events if e["event"] in ("complete", "error")}
+    if len(done) < s.trials:
+        raise StudyInterrupted(f"study {study} stopped with {len(done)} of {s.trials} trials finished; "
+                               "run the same command with --resume to continue")
+    sign = 1.0 if task.mode == "max" else -1.0
+    ranked = []
+    for r in results:
+        m = r.metrics or {}
+        score, ckpt = m.get(METRIC), m.get("checkpoint_path")
+        if isinstance(score, (int, float)) and math.isfinite(score) and ckpt and Path(ckpt).exists():
+            ranked.append((sign * float(score), r))
+    if not ranked:
+        errs = "; ".join(sorted({_root_cause(r.error) for r in results if r.error is not None}))
+        raise StudyFailed(f"no trial of study {study} produced a finite {task.selection_metric} "
+                          f"and a checkpoint{': ' + errs if errs else ''}")
+    _, best = max(ranked, key=lambda t: t[0])
+    trial_id = best.metrics["trial_id"]
+    ck = export_best(best.metrics["checkpoint_path"], out / "best.ckpt")
+    run = tracker.find_run(trial_run_name(study, trial_id), parent)
+    info = {"config": ck.cfg.to_dict(), "score": float(ck.score), "metric": task.selection_metric,
+            "mode": task.mode, "epoch": int(ck.epoch), "val_metrics": ck.val_metrics, "trial_id": trial_id,
+            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in resolver.params(best.config).items()},
+            "sampled": {k: v for k, v in best.config.items() if k in resolver.space.params},  # labels for options
+            "study": study, "checkpoint": "best.ckpt", "n_trials": len(results),
+            "mlflow": {"tracking_uri": tracker.uri, "experiment": tracker.experiment, "parent_run_id": parent,
+                       "run_id": run.info.run_id if run else None}}
+    tracker.log_artifact(parent, out / "best.ckpt", "best")
+    previous = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else {}
+    if previous.get("trial_id") == trial_id and previous.get("mlflow", {}).get("version"):
+        # `--resume` of a finished study: same answer, so no second registry version of it.
+        info["mlflow"].update({k: previous["mlflow"][k] for k in ("registered_model", "version")})
+    elif s.register_model:
+        name = f"ecgsearch-{s.task}-{s.model}"
+        version = tracker.register_model(parent, "best", name,
+                                         tags={"score": info["score"], "study": study, "metric": info["metric"]})
+        info["mlflow"].update(registered_model=name, version=version)
+    (out / "best.json").write_text(json.dumps(info, indent=2, default=float) + "\n")
+    tracker.log_artifact(parent, out / "best.json")
+    tracker.log_epoch_metrics(parent, {"best_score": info["score"], "best_epoch": info["epoch"]}, 0)
+    tracker.set_tags(parent, {"ecgsearch.best_trial": trial_id, "ecgsearch.tracking_errors": n_track_err})
+    return StudyResult(info, out / "best.json", out / "best.ckpt", len(results), results.num_errors,
+                       n_track_err, parent)
+
+
+def _read_events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
