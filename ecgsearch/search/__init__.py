@@ -1,0 +1,10 @@
+"""Lead search: recursive lead elimination, exhaustive subset search, reconstruction.
+
+- `rle`: the greedy algorithm with a pluggable scorer (pure, deterministic).
+- `subsets`: k-subset enumeration, ranking, placing RLE's choice.
+- `candidates`: work units (train / drop a lead / test) and their executors (Ray Tune, local).
+- `context`: settings and memoised execution; `state`: the resumable memo.
+- `pipeline`: `run_rle` and `run_subsets` end to end; `reconstruct`: U-ResNet rebuild.
+- `report`, `plots`, `tracking`: rle.json + markdown, figures, MLflow runs.
+See docs/LEAD_SEARCH.md.
+"""

@@ -1,0 +1,272 @@
+"""Work units of a lead search and the executors that run them in parallel.
+
+A *unit* is a JSON-able dict naming one piece of work:
+- ``train``: train a model on a lead subset (a retrain candidate, an eval-mode step model,
+  a baseline, the model at a lead count);
+- ``drop``: score a trained model on the validation fold with one or more leads removed
+  at inference (an eval-mode candidate);
+- ``test``: test-fold metrics with bootstrap CIs for a trained model.
+
+`run_unit` does the work in the current process. `RayTuneExecutor` runs a batch of units
+as parallel Ray Tune trials (one trial per unit; a trial may itself launch a multi-worker
+TorchTrainer); `LocalExecutor` runs them one after another in-process, for fast tests.
+Both call `on_done(unit, result)` in the driver as soon as each unit finishes, which is
+where the search saves its state: that is what makes resume exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+OnDone = Callable[[dict, dict], None]
+
+
+class UnitError(RuntimeError):
+    """A unit (trial) failed; the message names the unit and the cause."""
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Tune stopped the batch before every trial finished (Ctrl-C, SIGTERM): resume later."""
+
+
+# --------------------------------------------------------------------------- the work
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+        torch.set_num_threads(int(n))
+
+
+def _train(unit: dict) -> dict:
+    from ecgsearch.engine import TrainConfig, train
+
+    cfg = TrainConfig.from_dict(unit["config"])
+    out_dir = Path(unit["out_dir"])
+    # A unit is either finished (recorded in the search state) or redone from scratch: a
+    # half-written folder from a killed run must not leak its best checkpoint into this one.
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    workers = int(unit.get("workers", 1))
+    if workers > 1:
+        return _train_multiworker(cfg, unit, out_dir, workers)
+    r = train(cfg, unit["data"], out_dir)
+    return {"val_score": float(r.best_score), "best_epoch": int(r.best_epoch), "epochs_run": len(r.history),
+            "checkpoint": str(r.checkpoint_path), "val_history": [float(h["score"]) for h in r.history]}
+
+
+def _train_multiworker(cfg, unit: dict, out_dir: Path, workers: int) -> dict:
+    """One candidate as a W-worker TorchTrainer (DDP), launched from inside its Tune trial."""
+    from ecgsearch.distributed.raytrain import RayTrainSettings, export_best, fit
+    from ecgsearch.engine import load_checkpoint
+
+    gpus = float(unit.get("gpus_per_worker", 0.0))
+    settings = RayTrainSettings(workers=workers, use_gpu=gpus > 0, gpus_per_worker=gpus or 1.0,
+                                cpus_per_worker=float(unit.get("cpus_per_worker", 1.0)),
+                                storage_path=str(out_dir.resolve() / "ray"), name="train")
+    outcome = fit(cfg, unit["data"], settings)
+    if outcome.checkpoint_dir is None:
+        raise UnitError(f"unit {unit['id']}: the TorchTrainer reported no checkpoint")
+    history = load_checkpoint(outcome.checkpoint_dir).extra.get("history", [])
+    best = export_best(outcome.checkpoint_dir, out_dir / "model.ckpt")
+    return {"val_score": float(best.score), "best_epoch": int(best.epoch), "epochs_run": len(history),
+            "checkpoint": str(out_dir / "model.ckpt"), "val_history": [float(h["score"]) for h in history]}
+
+
+def _metric(metrics: dict, name: str, what: str) -> float:
+    if name not in metrics:
+        raise UnitError(f"{what}: metric {name!r} missing from evaluation (have {', '.join(sorted(metrics))})")
+    return float(metrics[name])
+
+
+def _drop(unit: dict) -> dict:
+    from ecgsearch.engine import evaluate
+
+    _threads(unit.get("threads"))
+    m = evaluate(unit["checkpoint"], unit["data"], "val", bootstrap=0, drop_leads=tuple(unit["drop"]))
+    return {"score": _metric(m, unit["metric"], unit["id"])}
+
+
+def _test(unit: dict) -> dict:
+    from ecgsearch.engine import evaluate
+
+    _threads(unit.get("threads"))
+    m = evaluate(unit["checkpoint"], unit["data"], "test", bootstrap=int(unit["bootstrap"]),
+                 drop_leads=tuple(unit.get("drop", ())), seed=int(unit.get("seed", 0)))
+    return {"metrics": m}
+
+
+_KINDS: dict[str, Callable[[dict], dict]] = {"train": _train, "drop": _drop, "test": _test}
+
+
+def run_unit(unit: dict) -> dict:
+    """Do one unit in this process and return its JSON-able result."""
+    fn = _KINDS.get(unit.get("kind"))
+    if fn is None:
+        raise UnitError(f"unit {unit.get('id')!r}: unknown kind {unit.get('kind')!r}")
+    started = time.time()
+    result = fn(unit)
+    # Where and when it ran: shows in state.json how trials were spread over workers.
+    result.update({"started": started, "finished": time.time(), "host": socket.gethostname(),
+                   "pid": os.getpid()})
+    return result
+
+
+# ------------------------------------------------------------------------ executors
+
+@dataclass
+class LocalExecutor:
+    """Runs units one by one in this process (tests, debugging, tiny searches)."""
+
+    name: str = "local"
+
+    def run(self, units: Sequence[dict], on_done: OnDone, label: str = "units") -> None:
+        for unit in units:
+            try:
+                result = run_unit(unit)
+            except Exception as exc:
+                raise UnitError(f"{label}: unit {unit['id']} failed: {type(exc).__name__}: {exc}") from exc
+            on_done(unit, result)
+
+    def close(self) -> None:
+        pass
+
+
+def _tune_trial(config: dict, units: dict) -> None:
+    """Body of one Ray Tune trial: look the unit up by id, do it, report the result once."""
+    from ray import tune
+
+    result = run_unit(units[config["unit"]])
+    # Nested dicts would be flattened by Tune's loggers; ship the result as one JSON string.
+    tune.report({"result_json": json.dumps(result), "done": True})
+
+
+@dataclass
+class RayTuneExecutor:
+    """Runs each batch of units as parallel Ray Tune trials on the current Ray cluster.
+
+    cpus_per_trial: CPUs (and torch threads) of a single-worker trial, or per worker.
+    gpus_per_trial: None = one GPU per worker when the cluster has GPUs, else 0.
+    workers_per_trial: >1 makes each training trial launch a TorchTrainer with that many
+      workers; such a trial reserves 0 CPUs itself (Train V2 runs the workers as separate
+      actors, and a trial that held a CPU while waiting for them deadlocks a small node).
+    storage: folder for Tune's experiment records (one sub-folder per batch).
+    """
+
+    storage: Path
+    cpus_per_trial: float = 1.0
+    workers_per_trial: int = 1
+    gpus_per_trial: float | None = None
+    max_concurrent: int | None = None
+    address: str | None = None
+    name: str = "ray"
+
+    def __post_init__(self) -> None:
+        import ray
+
+        from ecgsearch.distributed.cluster import ClusterSettings, ensure_ray, plan_trial_resources
+
+        # Joins RAY_ADDRESS (e.g. under `ray job submit`) or starts a local Ray whose workers
+        # import this working tree.
+        ensure_ray(ClusterSettings(address=self.address))
+        self.plan = plan_trial_resources(self.workers_per_trial, self.gpus_per_trial, ray.cluster_resources(),
+                                         cpus_per_worker=self.cpus_per_trial)
+        self._batch = 0
+        self._stamp = time.strftime("%Y%m%d-%H%M%S")  # batch names stay unique across resumes
+
+    def _resources(self, kind: str) -> dict[str, float]:
+        if kind == "train" and self.workers_per_trial > 1:
+            return {"cpu": 0, "memory": 256 * 1024 ** 2}
+        res = {"cpu": self.cpus_per_trial}
+        if self.plan.use_gpu:
+            res["gpu"] = min(1.0, self.plan.gpus_per_worker)
+        return res
+
+    def _extra(self, unit: dict) -> dict:
+        return {"gpus_per_worker": self.plan.gpus_per_worker, "cpus_per_worker": self.plan.cpus_per_worker}
+
+    def run(self, units: Sequence[dict], on_done: OnDone, label: str = "units") -> None:
+        kinds = list(dict.fromkeys(u["kind"] for u in units))
+        if len(kinds) > 1:  # one resource shape per Tune run
+            for kind in kinds:
+                self.run([u for u in units if u["kind"] == kind], on_done, f"{label} ({kind})")
+            return
+        self._run(units, on_done, label)
+
+    def _run(self, units: Sequence[dict], on_done: OnDone, label: str) -> None:
+        from ray import tune
+
+        if not units:
+            return
+        by_id = {u["id"]: {**u, **self._extra(u)} for u in units}
+        if len(by_id) != len(units):
+            raise UnitError(f"{label}: duplicate unit ids in one batch")
+        cb = _done_callback(by_id, on_done)
+        self._batch += 1
+        trainable = tune.with_resources(tune.with_parameters(_tune_trial, units=by_id),
+                                        self._resources(units[0]["kind"]))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"unit": tune.grid_search(list(by_id))},
+            # reuse_actors: a finished trial's worker process takes the next unit, so torch and
+            # ecgsearch are imported once per worker rather than once per candidate.
+            tune_config=tune.TuneConfig(max_concurrent_trials=self.max_concurrent, reuse_actors=True,
+                                        trial_name_creator=lambda t: _safe(t.config["unit"]),
+                                        trial_dirname_creator=lambda t: _safe(t.config["unit"])),
+            run_config=tune.RunConfig(name=f"{self._stamp}-{self._batch:03d}-{_safe(label)}",
+                                      storage_path=str(self.storage), callbacks=[cb], verbose=0),
+        )
+        grid = tuner.fit()
+        errors = dict(cb.errors)
+        for res in grid:
+            uid = res.config["unit"]
+            if res.error is not None and uid not in errors:
+                errors[uid] = f"{type(res.error).__name__}: {res.error}"
+        unfinished = [uid for uid in by_id if uid not in cb.finished and uid not in errors]
+        if unfinished and not errors:
+            # Tune stops a run on SIGINT and returns instead of raising: nothing failed, the
+            # search was interrupted; the finished units are in the state already.
+            raise SearchInterrupted(f"{label}: stopped before {len(unfinished)} trial(s) finished; "
+                                    "run again with --resume to continue")
+        errors.update({uid: "no result reported" for uid in unfinished})
+        if errors:
+            detail = "; ".join(f"{uid}: {msg}" for uid, msg in sorted(errors.items()))
+            raise UnitError(f"{label}: {len(errors)} of {len(by_id)} trial(s) failed: {detail}")
+
+    def close(self) -> None:
+        pass
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120]
+
+
+def _done_callback(units: dict, on_done: OnDone):
+    """Driver-side Tune hook that hands each finished trial's result to the search at once."""
+    from ray import tune
+
+    class DoneCallback(tune.Callback):
+        def __init__(self) -> None:
+            self.finished: set[str] = set()
+            self.errors: dict[str, str] = {}
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            uid = trial.config["unit"]
+            raw = (trial.last_result or {}).get("result_json")
+            if raw is None:
+                self.errors[uid] = "trial ended without reporting a result"
+                return
+            self.finished.add(uid)
+            on_done(units[uid], json.loads(raw))
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.errors[trial.config["unit"]] = str(getattr(trial, "error_msg", None)
+                                                    or "trial raised an error (see the Tune logs)")
+
+    return DoneCallback()

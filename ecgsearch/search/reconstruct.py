@@ -1,0 +1,132 @@
+"""Rebuild 12 leads from a kept subset (U-ResNet) and read the rebuilt ECG with a 12-lead classifier.
+
+Answers the practical question after a lead search: if a device records only the kept
+leads, is it better to rebuild the missing ones and use an existing 12-lead model, or to
+feed that model the kept leads alone? Three test-fold numbers for the same classifier:
+(a) true 12 leads, (b) rebuilt 12 leads, (c) kept leads only (others zeroed; an ML-ResNet
+classifier skips their branches instead, which is its own notion of a missing lead).
+
+In (b) the kept leads are the measured signals, and only the missing leads come from
+the U-ResNet: a device has the kept leads, so replacing them with a reconstruction
+would only add error.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ecgsearch.engine import TrainConfig, evaluate, load_checkpoint, open_data, train
+from ecgsearch.engine import prep as P
+from ecgsearch.engine.runtime import pick_device, resolve_precision
+from ecgsearch.leads import LEADS, lead_indices, leads_key, parse_leads
+from ecgsearch.metrics import reconstruction_metrics
+from ecgsearch.tasks import get_task
+
+log = logging.getLogger("ecgsearch.search")
+
+
+@dataclass
+class ReconstructSettings:
+    data: str
+    leads: tuple[str, ...]
+    classifier: str                       # checkpoint of a classifier reading all 12 leads
+    out: Path
+    model: str = "uresnet"
+    base: TrainConfig = field(default_factory=TrainConfig)
+    epochs: int | None = None
+    bootstrap: int | None = None          # None: the base config's
+
+    def __post_init__(self) -> None:
+        self.leads = parse_leads(self.leads)
+        self.out = Path(self.out)
+        if len(self.leads) == len(LEADS):
+            raise ValueError("--leads: all 12 leads given; reconstruction needs a reduced set")
+        if not self.model.startswith("uresnet"):
+            raise ValueError(f"invalid setting model={self.model!r}: reconstruction uses uresnet or uresnet_tiny")
+        if not Path(self.classifier).exists():
+            raise FileNotFoundError(f"--classifier {self.classifier}: no such checkpoint")
+
+    def train_config(self) -> TrainConfig:
+        # The U-ResNet must see whole records (n_samples None: the full length, padded to the
+        # model's multiple) or the rebuilt records would be blank outside a crop. Architecture
+        # overrides meant for a classifier (a search's base config) do not apply to it.
+        kw: dict[str, Any] = {"model": self.model, "task": "reconstruct", "leads": self.leads, "n_samples": None}
+        if not self.base.model.startswith("uresnet"):
+            kw["model_kwargs"] = {}
+        if self.epochs is not None:
+            kw["epochs"] = int(self.epochs)
+        return self.base.replace(**kw)
+
+
+def rebuild_signals(recon_ckpt, data, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(record indices, true mV, U-ResNet output mV) for `split`, both (n, 12, T) in the cache's geometry.
+
+    The U-ResNet works at its own rate and padded length; the output is cropped and
+    resampled back so the rebuilt records look exactly like cache records (and the
+    per-lead r/RMSE never count the model's zero padding).
+    """
+    from ecgsearch.data import signal as sig
+
+    ck = load_checkpoint(recon_ckpt) if not hasattr(recon_ckpt, "model") else recon_ckpt
+    if ck.cfg.task != "reconstruct":
+        raise ValueError(f"checkpoint {recon_ckpt} is a {ck.cfg.task!r} model, not a reconstruction model")
+    data = open_data(data)
+    prep = P.from_checkpoint(ck, data)
+    idx = P.split_indices(data, prep.task, ck.cfg.splits, split)
+    device = pick_device()
+    precision = resolve_precision("fp32", device)
+    _, rebuilt = P.predict(ck.model.to(device), prep, data, idx, batch_size=64, device=device, precision=precision)
+    true = data.signals_mv(idx)   # cache geometry, all 12 leads
+    length = int(round(data.n_samples * ck.fs / data.fs))
+    rebuilt = sig.pad_or_crop(rebuilt, length)           # undo the model's centred padding
+    if int(ck.fs) != int(data.fs):
+        rebuilt = sig.resample(rebuilt, int(ck.fs), int(data.fs))
+    rebuilt = np.asarray(sig.pad_or_crop(rebuilt, data.n_samples), dtype=np.float32)
+    return idx, np.asarray(true, dtype=np.float32), rebuilt
+
+
+def memory_cache(data, idx: np.ndarray, signals: np.ndarray, note: str):
+    """An in-memory float32 ECGCache holding `signals` (mV) for records `idx` of `data`."""
+    from ecgsearch.data.cache import ECGCache
+
+    meta = data.meta.iloc[np.asarray(idx)].reset_index(drop=True)
+    return ECGCache(signals=np.ascontiguousarray(signals, dtype=np.float32), gain=1.0, meta=meta,
+                    fs=int(data.fs), leads=tuple(LEADS), manifest={**dict(data.manifest), "derived": note})
+
+
+def run_reconstruct(s: ReconstructSettings) -> dict[str, Any]:
+    """Train the U-ResNet, then score reconstruction and the classifier's three readings."""
+    data = open_data(s.data)
+    clf = load_checkpoint(s.classifier)
+    if tuple(clf.leads) != LEADS:
+        raise ValueError(f"--classifier {s.classifier} reads {leads_key(clf.leads)}; it must read all 12 leads")
+    cfg = s.train_config()
+    if list(cfg.splits["test"]) != list(clf.cfg.splits["test"]):
+        raise ValueError(f"--classifier {s.classifier} uses test folds {clf.cfg.splits['test']} but the "
+                         f"reconstruction uses {cfg.splits['test']}; they must score the same records")
+    boot = cfg.bootstrap if s.bootstrap is None else int(s.bootstrap)
+    log.info("reconstruct: training %s from %s", cfg.model, leads_key(s.leads))
+    res = train(cfg, data, s.out / "uresnet")
+    idx, true, rebuilt = rebuild_signals(res.state, data, "test")
+    recon_metrics = reconstruction_metrics(true, rebuilt, LEADS, bootstrap=boot, seed=cfg.seed)
+    kept = lead_indices(s.leads)
+    rebuilt[:, kept] = true[:, kept]   # the device measured these: keep them
+    rebuilt_cache = memory_cache(data, idx, rebuilt, f"test fold rebuilt from {leads_key(s.leads)}")
+    missing = tuple(x for x in LEADS if x not in s.leads)
+    readings = {
+        "true_12": evaluate(clf, data, "test", bootstrap=boot, seed=cfg.seed),
+        "rebuilt_12": evaluate(clf, rebuilt_cache, "test", bootstrap=boot, seed=cfg.seed),
+        "kept_zeroed": evaluate(clf, data, "test", bootstrap=boot, seed=cfg.seed, drop_leads=missing),
+    }
+    n = {k: v.get("n_records") for k, v in readings.items()}
+    if len(set(n.values())) != 1:
+        raise ValueError(f"reconstruct: the three classifier readings scored different records {n}")
+    return {"leads": list(s.leads), "leads_key": leads_key(s.leads), "model": cfg.model,
+            "checkpoint": str(res.checkpoint_path), "val_score": float(res.best_score),
+            "reconstruction": recon_metrics, "classifier": str(s.classifier),
+            "classifier_model": clf.cfg.model, "classifier_metric": get_task(clf.cfg.task).selection_metric,
+            "classifier_test": readings}
