@@ -43,16 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     run("prepare", ["data", "prepare", "--root", str(root), "--out", str(cache), "--fs", "100"])
     run("info", ["data", "info", str(cache)])
     run("train 12-lead ResNet", ["train", "--data", str(cache), "--model", "resnet1d_tiny", "--task", "rhythm",
-                                 "--epochs", "6", "--out", str(out / "resnet12"), *fast])
+                                 "--epochs", "15", "--out", str(out / "resnet12"), "--set", "lr=0.003",
+                                 "--set", "batch_size=32", *fast])
     run("tune ML-ResNet", ["tune", "--data", str(cache), "--model", "mlresnet_tiny", "--task", "rhythm",
                            "--trials", "4", "--epochs", "4", "--out", str(out / "study"), "--tracking-uri", uri])
     run("lead elimination", ["rle", "--data", str(cache), "--task", "rhythm", "--model", "mlresnet_tiny",
                              "--mode", "eval", "--min-leads", "3", "--from-study", str(out / "study"),
                              "--tracking-uri", uri, "--out", str(out / "rle")])
-    kept = json.loads((out / "rle" / "rle.json").read_text())["final_leads"]
+    kept = json.loads((out / "rle" / "rle.json").read_text())["kept"]
     run("reconstruct 12 leads", ["reconstruct", "--data", str(cache), "--leads", ",".join(kept),
                                  "--classifier", str(out / "resnet12" / "model.ckpt"), "--epochs", "6",
-                                 "--out", str(out / "reconstruct"), "--tracking-uri", uri])
+                                 "--out", str(out / "reconstruct")])
     print(f"\nplanted informative leads: {PLANTED}; RLE kept: {','.join(kept)}")
     print(f"outputs in {out}; browse runs with:\n  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     return 0

@@ -112,7 +112,11 @@ def _settings(args):
 def _as_sigint(signum, frame):
     # `ray job stop` sends SIGTERM: handle it like Ctrl-C, so Tune stops its trials in order,
     # MLflow runs end KILLED and the state keeps every finished candidate for --resume.
-    signal.raise_signal(signal.SIGINT)
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.raise_signal(signal.SIGINT)
+    else:
+        # SIGINT is ignored (a background job of a non-interactive shell): stop directly.
+        raise KeyboardInterrupt("SIGTERM")
 
 
 def _clean_errors(fn, *a, **kw):
