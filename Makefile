@@ -28,6 +28,8 @@ demo: install
 bench: install
 	$(PY) bench/ingest.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/ray_overhead.py
+	$(PY) bench/rle_parallel.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
