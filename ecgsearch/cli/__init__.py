@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # Order is the order shown in --help.
@@ -15,6 +16,16 @@ _MODULES = ("data", "train", "tune", "rle")
 
 class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
+
+
+def sigterm_as_interrupt(signum, frame):
+    """SIGTERM handler: `ray job stop` sends SIGTERM; handle it like Ctrl-C so Tune stops its
+    trials in order, MLflow runs end KILLED and saved state keeps finished work for --resume."""
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.raise_signal(signal.SIGINT)
+    else:
+        # SIGINT is ignored (a background job of a non-interactive shell): stop directly.
+        raise KeyboardInterrupt("SIGTERM")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ecgsearch.cli import sigterm_as_interrupt
 from ecgsearch.leads import parse_leads
 
 MODELS_HELP = "mlresnet | resnet1d (or mlresnet_tiny, resnet1d_tiny for tests and demos)"
@@ -109,22 +110,12 @@ def _settings(args):
         baselines=not getattr(args, "no_baselines", False), resume=args.resume, **kw)
 
 
-def _as_sigint(signum, frame):
-    # `ray job stop` sends SIGTERM: handle it like Ctrl-C, so Tune stops its trials in order,
-    # MLflow runs end KILLED and the state keeps every finished candidate for --resume.
-    if callable(signal.getsignal(signal.SIGINT)):
-        signal.raise_signal(signal.SIGINT)
-    else:
-        # SIGINT is ignored (a background job of a non-interactive shell): stop directly.
-        raise KeyboardInterrupt("SIGTERM")
-
-
 def _clean_errors(fn, *a, **kw):
     """A failed trial is reported as one line naming the unit (candidate) and the cause."""
     from ecgsearch.cli import CLIError
     from ecgsearch.search.candidates import UnitError
 
-    previous = signal.signal(signal.SIGTERM, _as_sigint)
+    previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         return fn(*a, **kw)
     except UnitError as exc:

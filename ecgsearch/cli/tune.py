@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+from ecgsearch.cli import sigterm_as_interrupt
+
 
 def register(sub) -> None:
     p = sub.add_parser("tune", help="hyperparameter study on Ray (starts a local Ray, or joins RAY_ADDRESS)")
@@ -61,12 +63,6 @@ def _runtime_env(path: str | None) -> dict:
     return env
 
 
-def _as_sigint(signum, frame):
-    # `ray job stop` sends SIGTERM: treat it like Ctrl-C, which Tune turns into a last state
-    # snapshot and an orderly stop, after which no MLflow run is left RUNNING.
-    signal.raise_signal(signal.SIGINT)
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
     from ecgsearch.cli import CLIError
     from ecgsearch.distributed.cluster import ClusterError, ClusterSettings
@@ -83,7 +79,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         base_config=_base_config(args), grace_period=args.grace_period, max_failures=args.max_failures,
         register_model=not args.no_register,
         cluster=ClusterSettings(runtime_env=_runtime_env(args.runtime_env)))
-    previous = signal.signal(signal.SIGTERM, _as_sigint)
+    previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         result = run_study(settings)
     except (TrackingError, ClusterError, StudyFailed) as exc:
