@@ -167,7 +167,8 @@ def cmd_subsets(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from ecgsearch.search.report import clean, reconstruction_markdown
+    from ecgsearch.search.recon_report import reconstruction_markdown
+    from ecgsearch.search.report import clean
     from ecgsearch.search.reconstruct import ReconstructSettings, run_reconstruct
     from ecgsearch.search.state import write_json
 

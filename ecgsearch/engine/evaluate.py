@@ -12,17 +12,20 @@ from ecgsearch.engine.inputs import conform
 from ecgsearch.engine.runtime import autocast, pick_device, resolve_precision
 from ecgsearch.engine.train import open_data
 from ecgsearch.leads import parse_leads
+from ecgsearch.tasks import get_task
 
 
 def _as_checkpoint(ck) -> Checkpoint:
     return ck if isinstance(ck, Checkpoint) else load_checkpoint(ck)
 
 
-def evaluate(ck: Checkpoint | str | Path, data, split: str = "test", *, bootstrap: int | None = None,
-             drop_leads=(), seed: int = 0, splits: dict | None = None) -> dict:
-    """The task's metrics for a checkpoint on one split (with bootstrap CIs when bootstrap > 0).
+def predict_split(ck: Checkpoint | str | Path, data, split: str, *, drop_leads=(), splits: dict | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(record indices, targets, predictions) of a checkpoint on one split, in fp32.
 
-    `drop_leads` scores the model with those leads removed at inference (the RLE's eval mode).
+    Scoring never runs under autocast: bf16 rounding would turn near-equal candidates into
+    ties or flip their order, and a lead search compares exactly such candidates.
+    `drop_leads` removes leads at inference (ML-ResNet skips their branches; others see zeros).
     """
     ck = _as_checkpoint(ck)
     data = open_data(data)
@@ -35,11 +38,22 @@ def evaluate(ck: Checkpoint | str | Path, data, split: str = "test", *, bootstra
     prep = P.from_checkpoint(ck, data)
     idx = P.split_indices(data, prep.task, splits or ck.cfg.splits, split)
     device = pick_device()
-    precision = resolve_precision(ck.precision if ck.precision in ("bf16", "fp32") else "auto", device)
-    model = ck.model.to(device)
-    y, p = P.predict(model, prep, data, idx, batch_size=128, device=device, precision=precision, drop_leads=drop)
+    y, p = P.predict(ck.model.to(device), prep, data, idx, batch_size=128, device=device, precision="fp32",
+                     drop_leads=drop)
+    return idx, y, p
+
+
+def evaluate(ck: Checkpoint | str | Path, data, split: str = "test", *, bootstrap: int | None = None,
+             drop_leads=(), seed: int = 0, splits: dict | None = None) -> dict:
+    """The task's metrics for a checkpoint on one split (with bootstrap CIs when bootstrap > 0), in fp32.
+
+    `drop_leads` scores the model with those leads removed at inference (the RLE's eval mode).
+    """
+    ck = _as_checkpoint(ck)
+    drop = parse_leads(drop_leads) if drop_leads else ()
+    idx, y, p = predict_split(ck, data, split, drop_leads=drop, splits=splits)
     n_boot = ck.cfg.bootstrap if bootstrap is None else bootstrap
-    metrics = prep.task.compute_metrics(y, p, bootstrap=n_boot, seed=seed)
+    metrics = get_task(ck.cfg.task).compute_metrics(y, p, bootstrap=n_boot, seed=seed)
     metrics["split"] = split
     metrics["n_records"] = int(len(idx))
     if drop:

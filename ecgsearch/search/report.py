@@ -97,23 +97,8 @@ def rle_markdown(r: Mapping[str, Any]) -> str:
             lines.append(row(f"{entry['name']}: {entry['leads_key']}", entry))
     rec = r.get("reconstruction")
     if rec:
+        from ecgsearch.search.recon_report import reconstruction_markdown
+
         lines += ["", reconstruction_markdown(rec, heading="##")]
     lines += ["", "Plots: `metric_vs_leads.png`, `elimination_order.png`."]
-    return "\n".join(lines) + "\n"
-
-
-def reconstruction_markdown(rec: Mapping[str, Any], heading: str = "#") -> str:
-    metric = rec["classifier_metric"]
-    lines = [f"{heading} Reconstruction from {rec['leads_key']}", "",
-             f"U-ResNet rebuilds all 12 leads from {rec['leads_key']}; test fold, mean r "
-             f"{_fmt(rec['reconstruction']['mean_r'], 3)}, mean RMSE {_fmt(rec['reconstruction']['mean_rmse'], 3)} mV.",
-             "", "| lead | r | RMSE (mV) |", "|---|---:|---:|"]
-    for lead, r in rec["reconstruction"]["r"].items():
-        lines.append(f"| {lead} | {_fmt(r, 3)} | {_fmt(rec['reconstruction']['rmse'][lead], 3)} |")
-    lines += ["", f"12-lead classifier `{rec['classifier']}` on the test fold ({metric}, 95% CI):", "",
-              "| input | " + metric + " |", "|---|---:|"]
-    labels = {"true_12": "true 12 leads", "rebuilt_12": "rebuilt 12 leads",
-              "kept_zeroed": f"{rec['leads_key']} only, other leads zeroed"}
-    for key, label in labels.items():
-        lines.append(f"| {label} | {_ci_cell(rec['classifier_test'][key], metric)} |")
     return "\n".join(lines) + "\n"
