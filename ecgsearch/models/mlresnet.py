@@ -129,6 +129,9 @@ class LeadResBlock(nn.Module):
         return F.relu(h + y)
 
 
+LEAD_DROPOUT_MODES = ("branch", "subset")
+
+
 @dataclass(frozen=True)
 class MLResNetConfig(ModelConfig):
     stem_filters: int = 32
@@ -140,6 +143,11 @@ class MLResNetConfig(ModelConfig):
     fusion_dim: int = 128                       # size of the fused global feature g
     dropout: float = 0.2
     lead_dropout: float = 0.0                   # per-branch drop probability in training
+    # "branch": each branch dropped independently with probability lead_dropout (sees mostly
+    # near-complete sets). "subset": with probability lead_dropout a batch keeps a random subset
+    # whose size is uniform in 1..n, so one model learns to read every subset size; that is what
+    # scoring every RLE step by masking one model needs.
+    lead_dropout_mode: str = "branch"
 
     def validate(self) -> None:
         self._positive_int("stem_filters")
@@ -154,6 +162,9 @@ class MLResNetConfig(ModelConfig):
         self._positive_int("fusion_dim")
         self._probability("dropout")
         self._probability("lead_dropout")
+        if self.lead_dropout_mode not in LEAD_DROPOUT_MODES:
+            raise ValueError(f"model setting lead_dropout_mode={self.lead_dropout_mode!r}: choose one of "
+                             f"{', '.join(LEAD_DROPOUT_MODES)}")
         super().validate()
 
     def sample_multiple(self) -> int:
@@ -184,6 +195,7 @@ class MLResNet(ECGModel):
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(cfg.dropout),
                                   nn.Linear(cfg.fusion_dim, cfg.num_outputs))
         self.lead_dropout = float(cfg.lead_dropout)
+        self.lead_dropout_mode = cfg.lead_dropout_mode
         self.last_lead_mask: torch.Tensor | None = None  # branches used by the last forward
 
     # ---- lead masks -------------------------------------------------------------------
@@ -199,11 +211,18 @@ class MLResNet(ECGModel):
         return m.cpu()
 
     def draw_lead_mask(self, present: torch.Tensor) -> torch.Tensor:
-        """Lead dropout: drop each present branch with probability lead_dropout, never all."""
+        """Lead dropout (see MLResNetConfig.lead_dropout_mode); never drops every lead."""
+        cand = present.nonzero().flatten()
+        if self.lead_dropout_mode == "subset":
+            if float(torch.rand(())) >= self.lead_dropout:
+                return present
+            k = int(torch.randint(1, len(cand) + 1, ()))
+            keep = torch.zeros_like(present)
+            keep[cand[torch.randperm(len(cand))[:k]]] = True
+            return keep
         keep = present & (torch.rand(self.n_leads) >= self.lead_dropout)
         if not bool(keep.any()):
             # Keep one present branch at random so the batch still has a prediction to learn from.
-            cand = present.nonzero().flatten()
             keep = torch.zeros_like(present)
             keep[cand[torch.randint(len(cand), (1,))]] = True
         return keep
