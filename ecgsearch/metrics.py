@@ -11,6 +11,9 @@ Undefined values are NaN, never an exception or a warning:
   positives (in the data or in one bootstrap resample);
 - Pearson r of a record-lead whose target or prediction is constant;
 - R2 when all targets are equal.
+- sensitivity at a threshold with no positives, specificity with no negatives, F1
+  with no predicted and no actual positives, and every operating-point figure of a
+  class whose threshold is NaN (it had no validation positives).
 Macro means average the defined classes only and the dicts report how many were
 undefined. A bootstrap CI is taken over the resamples where the statistic is
 defined (conditioning on, e.g., "the resample holds a positive"); it is NaN only
@@ -200,6 +203,107 @@ def classification_metrics(y, p, names: Sequence[str], bootstrap: int = 0, seed:
     if bootstrap > 0:
         lo, hi = bootstrap_ci(_classification_stats, y, p, n=bootstrap, seed=seed)
         keys = ["macro_auprc", "macro_auroc"] + [f"auprc/{c}" for c in names] + [f"auroc/{c}" for c in names]
+        out["ci"] = {key: [float(a), float(b)] for key, a, b in zip(keys, lo, hi)}
+    return out
+
+
+# --------------------------------------------------------------- operating points
+
+def f1_max_thresholds(y, p) -> np.ndarray:
+    """Per-class score threshold maximising F1, for labels y and scores p, both (n, k).
+
+    Meant for the VALIDATION fold; apply the result to the test fold with
+    `operating_point_metrics`. A record is predicted positive when p >= threshold, so
+    every candidate threshold is one of the observed scores (a tie group is one
+    candidate). Ties in F1 go to the highest threshold among the maximisers, i.e. the
+    fewest predicted positives. A class with no positives has no F1 maximiser: its
+    threshold is NaN, and `operating_point_metrics` reports that class as undefined.
+    """
+    y, p = _as_2d_pair(y, p, "f1_max_thresholds")
+    if y.shape[0] == 0:
+        raise ValueError("f1_max_thresholds: no samples")
+    n = y.shape[0]
+    # one row per class: the sort-based helper works on (rows, n)
+    ys, _, g_end = _sorted_rows(y.T, p.T)
+    ps = -np.sort(-p.T, axis=1, kind="stable")
+    tp = np.cumsum(ys, axis=1)               # true positives when the cut is at this position
+    npos = tp[:, -1]
+    predicted = np.arange(1, n + 1)
+    # Only a tie group's last position is a real cut (p >= t takes the whole group).
+    # TP and the denominator are exact integers, so equal F1 values compare equal and
+    # argmax (first maximum, i.e. highest score) implements the documented tie rule.
+    f1 = np.where(g_end == np.arange(n), 2.0 * tp / (npos[:, None] + predicted), -np.inf)
+    best = np.argmax(f1, axis=1)
+    t = ps[np.arange(y.shape[1]), best]
+    return np.where(npos > 0, t, np.nan)
+
+
+def _operating_stats(y: np.ndarray, p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(B, n, k) labels/scores at thresholds t (k,) -> (B, 1 + 3k): macro F1, F1, sensitivity, specificity."""
+    pred = p >= t                             # NaN threshold: nothing predicted (masked below)
+    pos = y > 0.5
+    tp = (pred & pos).sum(axis=1).astype(np.float64)
+    fp = (pred & ~pos).sum(axis=1).astype(np.float64)
+    fn = (~pred & pos).sum(axis=1).astype(np.float64)
+    tn = (~pred & ~pos).sum(axis=1).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+        sens = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
+        spec = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
+    undefined = np.isnan(t)[None, :]
+    f1, sens, spec = (np.where(undefined, np.nan, a) for a in (f1, sens, spec))
+    return np.concatenate([_nanmean(f1, 1)[0][:, None], f1, sens, spec], axis=1)
+
+
+def _threshold_vector(thresholds, names: list[str], k: int) -> np.ndarray:
+    if isinstance(thresholds, Mapping):
+        missing = [c for c in names if c not in thresholds]
+        if missing:
+            raise ValueError(f"operating_point_metrics: no threshold for class(es) {', '.join(missing)}; "
+                             f"thresholds cover {', '.join(map(str, thresholds)) or 'nothing'}")
+        thresholds = [thresholds[c] for c in names]
+    t = np.asarray(thresholds, dtype=np.float64)
+    if t.shape != (k,):
+        raise ValueError(f"operating_point_metrics: thresholds have shape {t.shape}, "
+                         f"expected ({k},) for scores with {k} classes")
+    return t
+
+
+def operating_point_metrics(y, p, thresholds, names: Sequence[str], bootstrap: int = 0, seed: int = 0) -> dict:
+    """F1, sensitivity and specificity per class at fixed thresholds (normally on the TEST fold).
+
+    `thresholds` is a (k,) sequence or a {class: threshold} mapping, chosen elsewhere (on
+    the validation fold, e.g. by `f1_max_thresholds`); a NaN threshold makes that class
+    undefined (NaN) and leaves it out of macro_f1. The bootstrap resamples records and keeps
+    the thresholds fixed: the CI covers test-fold sampling, not threshold selection.
+    """
+    y, p = _as_2d_pair(y, p, "operating_point_metrics")
+    names = list(names)
+    if len(names) != y.shape[1]:
+        raise ValueError(f"operating_point_metrics: {len(names)} class names for {y.shape[1]} columns")
+    if y.shape[0] == 0:
+        raise ValueError("operating_point_metrics: no samples")
+    k = len(names)
+    t = _threshold_vector(thresholds, names, k)
+
+    def stat(yb: np.ndarray, pb: np.ndarray) -> np.ndarray:
+        return _operating_stats(yb, pb, t)
+
+    point = stat(y[None], p[None])[0]
+    f1, sens, spec = point[1:1 + k], point[1 + k:1 + 2 * k], point[1 + 2 * k:]
+    out = {
+        "thresholds": {c: float(v) for c, v in zip(names, t)},
+        "f1": {c: float(v) for c, v in zip(names, f1)},
+        "sensitivity": {c: float(v) for c, v in zip(names, sens)},
+        "specificity": {c: float(v) for c, v in zip(names, spec)},
+        "macro_f1": float(point[0]),
+        "n": int(y.shape[0]),
+        "positives": {c: int(v) for c, v in zip(names, y.sum(axis=0))},
+    }
+    if bootstrap > 0:
+        lo, hi = bootstrap_ci(stat, y, p, n=bootstrap, seed=seed)
+        keys = (["macro_f1"] + [f"f1/{c}" for c in names] + [f"sensitivity/{c}" for c in names]
+                + [f"specificity/{c}" for c in names])
         out["ci"] = {key: [float(a), float(b)] for key, a, b in zip(keys, lo, hi)}
     return out
 

@@ -10,6 +10,11 @@ rhythm           multilabel      6 rhythm codes     BCE, per-class pos_weight  m
 superclass       multilabel      5 superclasses     BCE, per-class pos_weight  macro_auprc (max)
 age              regression      age (years)        L1 | weighted MSE | MSE    mae (min)
 reconstruct      reconstruction  all 12 leads (mV)  L1 | MSE                   mean_r (max)
+
+Which records a task uses (`sample_mask`): superclass drops records with no superclass
+statement, as Strodthoff et al. 2020 do for the PTB-XL benchmark (such a record is not
+"no disease", it is undiagnosed), unless keep_unlabeled=True. Rhythm keeps them: a record
+with none of the six codes is a valid negative. Age drops records without an age.
 """
 from __future__ import annotations
 
@@ -97,12 +102,15 @@ class Task:
     output_names: tuple[str, ...]
     selection_metric: str
     mode: str
+    # A record whose label row is all zero carries no label (rather than "all negative"):
+    # leave it out unless the caller asks to keep unlabeled records.
+    requires_label: bool = False
 
     def num_outputs(self) -> int:
         return len(self.output_names)
 
-    def sample_mask(self, data, idx) -> np.ndarray:
-        """Which of the records `idx` can be used for this task (all, unless overridden)."""
+    def sample_mask(self, data, idx, keep_unlabeled: bool = False) -> np.ndarray:
+        """Which of the records `idx` this task can use (all, unless overridden)."""
         return np.ones(len(idx), dtype=bool)
 
     def targets(self, data, idx) -> np.ndarray:
@@ -134,6 +142,11 @@ class Task:
 
 @dataclass(frozen=True)
 class MultiLabelTask(Task):
+    def sample_mask(self, data, idx, keep_unlabeled: bool = False) -> np.ndarray:
+        if not self.requires_label or keep_unlabeled:
+            return np.ones(len(idx), dtype=bool)
+        return self.targets(data, idx).any(axis=1)
+
     def targets(self, data, idx) -> np.ndarray:
         y = np.asarray(data.labels(self.name, idx), dtype=np.float32)
         if y.shape != (len(idx), self.num_outputs()):
@@ -190,8 +203,9 @@ class AgeTask(Task):
             raise ValueError(f"task {self.name}: target state lacks {', '.join(missing)}; "
                              "call fit_target_state on the training ages")
 
-    def sample_mask(self, data, idx) -> np.ndarray:
-        # PTB-XL has records without an age; they are excluded from this task, not imputed.
+    def sample_mask(self, data, idx, keep_unlabeled: bool = False) -> np.ndarray:
+        # PTB-XL has records without an age; they are excluded from this task, not imputed
+        # (keep_unlabeled is about label rows and does not apply to a missing age).
         return ~np.isnan(np.asarray(data.ages(idx), dtype=np.float64))
 
     def targets(self, data, idx) -> np.ndarray:
@@ -256,7 +270,8 @@ class ReconstructionTask(Task):
 
 _TASKS: dict[str, Task] = {
     "rhythm": MultiLabelTask("rhythm", "multilabel", LABEL_SETS["rhythm"], "macro_auprc", "max"),
-    "superclass": MultiLabelTask("superclass", "multilabel", LABEL_SETS["superclass"], "macro_auprc", "max"),
+    "superclass": MultiLabelTask("superclass", "multilabel", LABEL_SETS["superclass"], "macro_auprc", "max",
+                                 requires_label=True),
     "age": AgeTask("age", "regression", ("age",), "mae", "min"),
     "reconstruct": ReconstructionTask("reconstruct", "reconstruction", LEADS, "mean_r", "max"),
 }

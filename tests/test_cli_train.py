@@ -1,6 +1,7 @@
 """`ecgsearch train / evaluate / predict` end to end on real files."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -9,7 +10,10 @@ import wfdb
 from scipy.signal import resample_poly
 
 from ecgsearch.cli import main
+from ecgsearch.cli.train import _config, _operating_summary
+from ecgsearch.engine import load_checkpoint, predict_split
 from ecgsearch.leads import LEADS
+from ecgsearch.metrics import operating_point_metrics
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +36,45 @@ def test_train_writes_checkpoint_and_metrics(trained):
     lo, hi = m["test"]["ci"]["macro_auroc"]
     assert lo <= m["test"]["macro_auroc"] <= hi
     assert (trained / "model.ckpt").exists() and (trained / "last" / "model.ckpt").exists()
+
+
+def test_metrics_file_has_test_operating_points_at_validation_thresholds(trained, synth_cache):
+    ops = json.loads((trained / "metrics.json").read_text())["operating_points"]
+    ck = load_checkpoint(trained / "model.ckpt")
+    assert ops["split"] == "test" and ops["threshold_split"] == "val"
+    assert set(ops["thresholds"]) == set(ck.thresholds)
+    for c, t in ck.thresholds.items():           # NaN survives JSON as NaN
+        assert ops["thresholds"][c] == pytest.approx(t, nan_ok=True)
+    _, y, p = predict_split(ck, synth_cache, "test")
+    want = operating_point_metrics(y, p, ck.thresholds, list(ck.thresholds))
+    assert ops["n"] == len(y)
+    for key in ("f1", "sensitivity", "specificity"):
+        for c in ck.thresholds:
+            assert ops[key][c] == pytest.approx(want[key][c], nan_ok=True), (key, c)
+    assert ops["macro_f1"] == pytest.approx(want["macro_f1"])
+    assert len(ops["ci"]) == 1 + 3 * 6                 # bootstrap=100 from the config
+    lo, hi = ops["ci"]["macro_f1"]
+    assert lo <= ops["macro_f1"] <= hi
+
+
+def test_operating_summary_prints_each_class_with_cis(capsys):
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0], [0, 1]], dtype=float)
+    p = np.array([[0.9, 0.2], [0.3, 0.6], [0.7, 0.9], [0.1, 0.5], [0.4, 0.4], [0.6, 0.7]])
+    m = operating_point_metrics(y, p, [0.5, 0.55], ["AFIB", "STACH"], bootstrap=50)
+    _operating_summary({**m, "split": "test", "threshold_split": "val"})
+    out = capsys.readouterr().out.splitlines()
+    assert "thresholds from val" in out[0] and f"macro_f1={m['macro_f1']:.3f}" in out[0]
+    afib = next(line for line in out if line.split()[0] == "AFIB")
+    lo, hi = m["ci"]["sensitivity/AFIB"]
+    assert "t=0.500" in afib and f"sens={m['sensitivity']['AFIB']:.3f} [{lo:.3f}, {hi:.3f}]" in afib
+    assert len(out) == 3
+
+
+def test_config_accepts_a_packaged_preset_name():
+    args = argparse.Namespace(config="ribeiro2020", model=None, task=None, epochs=None, leads="I,II",
+                              overrides=["epochs=2"])
+    cfg = _config(args)
+    assert (cfg.model, cfg.target_fs, cfg.n_samples, cfg.epochs, cfg.leads) == ("resnet1d", 400, 4096, 2, ("I", "II"))
 
 
 def test_evaluate_json_matches_metrics_file(trained, synth_cache, capsys):
@@ -84,3 +127,6 @@ def test_train_rejects_bad_settings(synth_cache, tmp_path, capsys):
     assert rc == 2 and "resnet1d_nope" in capsys.readouterr().err
     rc = main(["train", "--data", str(synth_cache), "--leads", "I,II,I", "--out", str(tmp_path)])
     assert rc == 2 and "more than once" in capsys.readouterr().err
+    rc = main(["train", "--data", str(synth_cache), "--config", "ribeiro2021", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ribeiro2021" in err and "presets: ribeiro2020" in err

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 from scipy.stats import pearsonr
-from sklearn.metrics import average_precision_score, mean_absolute_error, r2_score, roc_auc_score
+from sklearn.metrics import (average_precision_score, f1_score, mean_absolute_error, r2_score, recall_score,
+                             roc_auc_score)
 
 from ecgsearch import metrics as M
 from ecgsearch.leads import LEADS, RHYTHM_CODES
@@ -145,6 +146,104 @@ def test_bootstrap_chunking_does_not_change_the_result(monkeypatch):
 def test_bootstrap_rejects_mismatched_arrays():
     with pytest.raises(ValueError, match="array 1 has 3 samples"):
         M.bootstrap_ci(_mean_stat, np.zeros(4), np.zeros(3))
+
+
+# ---------------------------------------------------------------- operating points
+
+def test_f1_max_thresholds_separable_toy_case_is_exact():
+    # every positive outscores every negative: F1 = 1 exactly at the lowest positive score
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0]], dtype=float)
+    p = np.array([[0.9, 0.2], [0.3, 0.6], [0.7, 0.95], [0.1, 0.5], [0.8, 0.4]])
+    np.testing.assert_array_equal(M.f1_max_thresholds(y, p), [0.7, 0.6])
+    m = M.operating_point_metrics(y, p, M.f1_max_thresholds(y, p), ["A", "B"])
+    assert m["f1"] == {"A": 1.0, "B": 1.0} and m["macro_f1"] == 1.0
+
+
+def test_f1_max_thresholds_by_hand_with_ties():
+    # cuts .9/.8/.7/.1 give F1 2/3, 1/2, 4/5, 2/3 -> .7
+    assert M.f1_max_thresholds([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]).tolist() == [0.7]
+    # cuts .9 and .6 both give F1 2/3: the higher threshold (fewer positives) wins
+    assert M.f1_max_thresholds([1, 0, 0, 1], [0.9, 0.8, 0.7, 0.6]).tolist() == [0.9]
+    # tied scores are one cut: p >= .5 takes both records, so F1 there is 1/2 and .2 (4/5) wins
+    assert M.f1_max_thresholds([1, 0, 1], [0.5, 0.5, 0.2]).tolist() == [0.2]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_f1_max_thresholds_match_brute_force_over_observed_scores(seed):
+    y, p = _toy_multilabel(90, seed, k=3)
+    got = M.f1_max_thresholds(y, p)
+    for c in range(3):
+        cands = np.unique(p[:, c])[::-1]                   # highest first: argmax keeps the tie rule
+        f1s = [f1_score(y[:, c], p[:, c] >= t, zero_division=0.0) for t in cands]
+        assert got[c] == cands[int(np.argmax(f1s))]
+
+
+def test_class_without_positives_has_nan_threshold_and_nan_figures():
+    y = np.array([[1, 0], [0, 0], [1, 0], [0, 0]], dtype=float)
+    p = np.array([[0.8, 0.1], [0.3, 0.9], [0.6, 0.4], [0.2, 0.5]])
+    t = M.f1_max_thresholds(y, p)
+    assert t[0] == 0.6 and math.isnan(t[1])
+    m = M.operating_point_metrics(y, p, t, ["A", "NOPOS"], bootstrap=50)
+    assert all(math.isnan(m[key]["NOPOS"]) for key in ("f1", "sensitivity", "specificity"))
+    assert math.isnan(m["thresholds"]["NOPOS"]) and m["macro_f1"] == 1.0   # macro skips the undefined class
+    assert all(math.isnan(v) for v in m["ci"]["f1/NOPOS"])
+
+
+def test_operating_point_metrics_by_hand():
+    y = np.array([[1, 1], [1, 1], [1, 1], [0, 1], [0, 1], [0, 1]], dtype=float)
+    p = np.array([[0.9, 0.1], [0.7, 0.1], [0.2, 0.1], [0.8, 0.1], [0.1, 0.1], [0.3, 0.1]])
+    m = M.operating_point_metrics(y, p, {"A": 0.5, "ALLPOS": 0.5}, ["A", "ALLPOS"])
+    # A: predicted {0, 1, 3} -> TP 2, FP 1, FN 1, TN 2
+    assert m["f1"]["A"] == pytest.approx(4 / 6)
+    assert m["sensitivity"]["A"] == pytest.approx(2 / 3) and m["specificity"]["A"] == pytest.approx(2 / 3)
+    # ALLPOS: no negatives -> specificity undefined; nothing predicted -> sensitivity 0, F1 0
+    assert math.isnan(m["specificity"]["ALLPOS"])
+    assert m["sensitivity"]["ALLPOS"] == 0.0 and m["f1"]["ALLPOS"] == 0.0
+    assert m["macro_f1"] == pytest.approx(2 / 6) and m["n"] == 6
+    assert m["thresholds"] == {"A": 0.5, "ALLPOS": 0.5} and "ci" not in m
+    # no actual and no predicted positives: F1 and sensitivity undefined, specificity 1
+    none = M.operating_point_metrics(np.zeros((3, 1)), np.full((3, 1), 0.2), [0.5], ["Z"])
+    assert math.isnan(none["f1"]["Z"]) and math.isnan(none["sensitivity"]["Z"])
+    assert none["specificity"]["Z"] == 1.0 and math.isnan(none["macro_f1"])
+
+
+def test_operating_point_metrics_match_sklearn_per_resample():
+    y, p = _toy_multilabel(70, 5, k=2)
+    t = np.array([0.45, 0.6])
+    idx = np.random.default_rng(1).integers(0, 70, size=(10, 70))
+    stats = M._operating_stats(y[idx], p[idx], t)             # (10, 1 + 3k)
+    for b in range(10):
+        yb, pred = y[idx[b]], p[idx[b]] >= t
+        f1 = [f1_score(yb[:, c], pred[:, c]) for c in range(2)]
+        sens = [recall_score(yb[:, c], pred[:, c]) for c in range(2)]
+        spec = [recall_score(1 - yb[:, c], ~pred[:, c]) for c in range(2)]
+        np.testing.assert_allclose(stats[b], [np.mean(f1), *f1, *sens, *spec], atol=1e-12)
+
+
+def test_operating_point_ci_brackets_every_point_value():
+    y, p = _toy_multilabel(300, 6, k=3)
+    names = ["A", "B", "C"]
+    m = M.operating_point_metrics(y, p, M.f1_max_thresholds(y, p), names, bootstrap=500, seed=3)
+    assert len(m["ci"]) == 1 + 3 * 3
+    for key, (lo, hi) in m["ci"].items():
+        point = m[key] if "/" not in key else m[key.split("/")[0]][key.split("/")[1]]
+        assert lo <= point <= hi and lo < hi, key
+    again = M.operating_point_metrics(y, p, M.f1_max_thresholds(y, p), names, bootstrap=500, seed=3)
+    assert again["ci"] == m["ci"]
+
+
+def test_operating_points_name_shapes_and_classes_on_bad_input():
+    y, p = _toy_multilabel(10, 0, k=3)
+    with pytest.raises(ValueError, match=r"\(10, 3\) and \(10, 2\)"):
+        M.f1_max_thresholds(y, p[:, :2])
+    with pytest.raises(ValueError, match=r"\(10, 3\) and \(9, 3\)"):
+        M.operating_point_metrics(y, p[:9], [0.5] * 3, ["A", "B", "C"])
+    with pytest.raises(ValueError, match=r"thresholds have shape \(2,\), expected \(3,\)"):
+        M.operating_point_metrics(y, p, [0.5, 0.5], ["A", "B", "C"])
+    with pytest.raises(ValueError, match="no threshold for class\\(es\\) C"):
+        M.operating_point_metrics(y, p, {"A": 0.5, "B": 0.5}, ["A", "B", "C"])
+    with pytest.raises(ValueError, match="2 class names for 3 columns"):
+        M.operating_point_metrics(y, p, [0.5] * 3, ["A", "B"])
 
 
 # ---------------------------------------------------------------------- regression

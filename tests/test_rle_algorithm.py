@@ -126,10 +126,28 @@ def _fake_result():
     def test(v):
         return {"macro_auprc": v, "macro_auroc": v + 0.1, "ci": {"macro_auprc": [v - 0.05, v + 0.05],
                                                                  "macro_auroc": [v, v + 0.2]}}
+    def step(st):
+        d = st.to_dict()
+        decisive = st.index % 2 == 0   # odd steps within noise
+        d.update(margin=0.02 if decisive else 0.001, margin_ci=[0.01, 0.03] if decisive else [-0.01, 0.012],
+                 decisive=decisive, runner_up=st.candidates[0].removed)
+        return d
+
+    def ni(c, v, verdict):
+        return {"leads": list(c), "n_leads": len(c), "path": True, "delta": v, "ci": [v - 0.01, v + 0.01],
+                "ci_records": [v - 0.005, v + 0.005], "noninferior": verdict == "non-inferior", "verdict": verdict}
+
     return {"settings": {"search": "rle", "data": "/d", "task": "rhythm", "model": "mlresnet_tiny",
-                         "mode": "eval", "start_leads": list(LEADS), "min_leads": 3, "metric": "macro_auprc",
-                         "metric_mode": "max", "report_metrics": ["macro_auprc", "macro_auroc"]},
-            "steps": [s.to_dict() for s in steps], "elimination_order": [s.removed for s in steps],
+                         "mode": "eval", "eval_model": "shared", "start_leads": list(LEADS), "min_leads": 3,
+                         "metric": "macro_auprc", "metric_mode": "max", "ni_metric": "macro_auroc", "margin": 0.01,
+                         "repeats": 3, "seeds": [0, 1, 2], "epochs": 30, "patience": 6,
+                         "report_metrics": ["macro_auprc", "macro_auroc"]},
+            "answer_line": "II,V2,V5,V4 (4 leads) is non-inferior to 12 leads: ...",
+            "answer": {"leads": ["II", "V2", "V4", "V5"], "n_leads": 4},
+            "warnings": ["5 of 9 elimination steps were not decisive"],
+            "noninferiority": [ni(c, 0.0 if len(c) > 3 else -0.05, "non-inferior" if len(c) > 3 else "inferior")
+                               for c in counts],
+            "steps": [step(s) for s in steps], "elimination_order": [s.removed for s in steps],
             "kept": list(steps[-1].kept),
             "by_n_leads": [{"n_leads": len(c), "leads": list(c), "leads_key": leads_key(c),
                             "test": test(0.3 + 0.05 * len(c))} for c in counts],
@@ -146,6 +164,10 @@ def test_report_json_markdown_and_plots(tmp_path):
     assert len(data["steps"][0]["candidates"]) == 12
     md = mp.read_text()
     assert "kept leads: II,V2,V5" in md
+    assert md.splitlines()[2] == "**Answer: II,V2,V5,V4 (4 leads) is non-inferior to 12 leads: ....**"
+    assert "> **Warning:** 5 of 9 elimination steps were not decisive" in md
+    assert "| II,V2,V5 | 3 | -0.0500 [-0.0600, -0.0400] | [-0.0550, -0.0450] | inferior |" in md
+    assert md.count("**no: within noise**") == 5 and "| +0.0200 [+0.0100, +0.0300] | yes |" in md
     assert "| 1 | 12 | V6 |" in md                 # step 1 removes V6
     assert "0.9000 [0.8500, 0.9500]" in md          # the 12-lead test metric with its CI
     assert "2-lead: I,II | 2 | n/a" in md
@@ -197,7 +219,14 @@ def test_hyperparameters_come_from_a_study_or_config_file_with_overrides(tmp_pat
     args = parser.parse_args(["rle", "--data", "d", "--task", "rhythm", "--model", "mlresnet_tiny",
                               "--from-study", str(study), "--set", "batch_size=16", "--epochs", "3"])
     cfg = _base_config(args)
-    assert (cfg.lr, cfg.model_kwargs, cfg.batch_size, cfg.epochs) == (3e-4, {"dropout": 0.3}, 16, 3)
+    assert (cfg.lr, cfg.model_kwargs, cfg.batch_size) == (3e-4, {"dropout": 0.3}, 16)
+    # the epoch budget is the search's own setting, not the study's, and never a --set
+    assert args.epochs == 3 and cfg.epochs == 10
+    from ecgsearch.cli.rle import _settings
+
+    with pytest.raises(ValueError, match="--set epochs=5: a search's epoch budget"):
+        _settings(parser.parse_args(["rle", "--data", "d", "--task", "rhythm", "--model", "mlresnet_tiny",
+                                     "--set", "epochs=5"]))
     plain = tmp_path / "cfg.json"
     plain.write_text(json.dumps({"lr": 0.02, "seed": 7}))
     cfg = _base_config(parser.parse_args(["subsets", "--k", "2", "--data", "d", "--task", "age", "--model", "m",

@@ -22,10 +22,10 @@ def searched(ray_session, make_synth_cache, tmp_path_factory):  # noqa: F811
     cache = make_synth_cache(records=360, seed=0, informative_leads=("V2", "AVL"))
     tmp = tmp_path_factory.mktemp("rle-ray")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    base = TrainConfig(epochs=2, batch_size=16, lr=5e-3, n_samples=512, bootstrap=20, precision="fp32",
+    base = TrainConfig(batch_size=16, lr=5e-3, n_samples=512, bootstrap=20, precision="fp32",
                        splits=SPLITS, model_kwargs={"stem_stride": 2})
     common = dict(data=str(cache), task="superclass", model="mlresnet_tiny", base=base, executor="ray",
-                  tracking_uri=uri, experiment="rle-test")
+                  tracking_uri=uri, experiment="rle-test", repeats=1, epochs=2)
     rle = run_rle(SearchSettings(**common, out=tmp / "rle", mode="retrain", start_leads=START, min_leads=2,
                                  baselines=False))
     sub = run_subsets(SearchSettings(**common, out=tmp / "sub", mode="eval", workers_per_trial=2), 2,
@@ -36,12 +36,12 @@ def searched(ray_session, make_synth_cache, tmp_path_factory):  # noqa: F811
 def test_candidates_ran_as_parallel_tune_trials(searched):
     out = searched["tmp"] / "rle"
     state = json.loads((out / "state.json").read_text())["results"]
-    cands = [state[f"train:{k}"] for k in ("AVL,V2", "AVL,V5", "V2,V5")]
+    cands = [state[f"train:{k}@0"] for k in ("AVL,V2", "AVL,V5", "V2,V5")]
     # three 1-CPU trials on a 2-CPU Ray: each ran in its own worker process, two at once
     assert len({c["pid"] for c in cands}) >= 2
     spans = sorted((c["started"], c["finished"]) for c in cands)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), f"no two candidates overlapped: {spans}"
-    batch = [d for d in (out / "tune").iterdir() if "step_1" in d.name]
+    batch = [d for d in (out / "tune").iterdir() if "candidate_units" in d.name]
     assert len(batch) == 1 and len([t for t in batch[0].iterdir() if t.name.startswith("train_")]) == 3
     assert searched["rle"]["kept"] == ["AVL", "V2"]
 
@@ -81,8 +81,8 @@ def test_mlflow_holds_parent_step_and_candidate_runs_with_leads(searched):
 def test_subsets_with_a_two_worker_torchtrainer_per_trial(searched):
     sub = searched["sub"]
     state = json.loads((searched["tmp"] / "sub" / "state.json").read_text())["results"]
-    pool_model = state["train:AVL,V2,V5"]
+    pool_model = state["train:AVL,V2,V5@0"]
     assert pool_model["epochs_run"] == 2 and (searched["tmp"] / "sub" / pool_model["checkpoint"]).is_file()
     assert [r["leads_key"] for r in sub["ranking"]][0] == "AVL,V2"
     assert sub["rle"]["leads_key"] == "AVL,V2" and sub["rle"]["rank"] == 1 and sub["rle"]["of"] == 3
-    assert (searched["tmp"] / "sub" / "models" / "AVL-V2-V5" / "ray").is_dir()   # Ray Train's run folder
+    assert (searched["tmp"] / "sub" / "models" / "AVL-V2-V5" / "seed0" / "ray").is_dir()   # Ray Train's run folder

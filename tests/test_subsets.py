@@ -11,6 +11,7 @@ import pytest
 
 from ecgsearch.cli import main
 from ecgsearch.engine import TrainConfig
+from ecgsearch.leads import LEADS
 
 POOL = "I,AVL,V2,V5"
 SPLITS = {"train": [1, 2, 3, 4, 5, 6, 7], "val": [8, 9], "test": [10]}
@@ -25,11 +26,12 @@ def searched(make_synth_cache, tmp_path_factory):
     cache = make_synth_cache(records=360, seed=0, informative_leads=("V2", "AVL"))
     tmp = tmp_path_factory.mktemp("subsets")
     cfg = tmp / "config.json"
-    cfg.write_text(json.dumps(TrainConfig(epochs=6, batch_size=16, lr=5e-3, n_samples=512, bootstrap=20,
+    cfg.write_text(json.dumps(TrainConfig(batch_size=16, lr=5e-3, n_samples=512, bootstrap=20,
                                           precision="fp32", threads=1, splits=SPLITS,
                                           model_kwargs={"stem_stride": 2, "lead_dropout": 0.1}).to_dict()))
     common = ["--data", str(cache), "--task", "superclass", "--model", "mlresnet_tiny", "--mode", "eval",
-              "--config", str(cfg), "--no-tracking", "--executor", "local"]
+              "--config", str(cfg), "--no-tracking", "--executor", "local", "--repeats", "1", "--epochs", "6",
+              "--eval-model", "per-step"]
     rle_out = tmp / "rle"
     assert main(["rle", *common, "--start-leads", POOL, "--min-leads", "2",
                  "--reconstruct", "--recon-model", "uresnet_tiny", "--recon-epochs", "1",
@@ -49,6 +51,12 @@ def test_every_pair_is_ranked_and_the_planted_pair_wins(searched):
     assert ranking[0]["leads_key"] == "AVL,V2"
     # the pair without either planted lead is last
     assert ranking[-1]["leads_key"] == "I,V5"
+    # every subset carries its delta against 12 leads with a verdict, and the table shows them
+    for row in ranking:
+        d = row["noninferiority"]
+        assert d["ci"][0] <= d["delta"] <= d["ci"][1] and d["verdict"] in ("non-inferior", "inconclusive", "inferior")
+    assert ranking[-1]["noninferiority"]["verdict"] == "inferior"     # no planted lead at all
+    assert "| 6 | I,V5 |" in (searched["sub"] / "subsets.md").read_text()
 
 
 def test_report_states_where_the_rle_choice_ranks(searched):
@@ -74,7 +82,7 @@ def test_rle_table_holds_the_challenge_baselines(searched):
         lo, hi = b["test"]["ci"]["macro_auprc"]
         assert lo <= b["test"]["macro_auprc"] <= hi
     # trained once: the 12-lead baseline is the model the reconstruction used as classifier
-    assert rle["reconstruction"]["classifier"].endswith("models/I-II-III-AVR-AVL-AVF-V1-V2-V3-V4-V5-V6/model.ckpt")
+    assert rle["reconstruction"]["classifier"].endswith("models/I-II-III-AVR-AVL-AVF-V1-V2-V3-V4-V5-V6/seed0/model.ckpt")
     md = (searched["rle"] / "rle.md").read_text()
     assert "## Baselines (PhysioNet/CinC Challenge 2021 reduced sets)" in md and "| 3-lead: I,II,V2 | 3 |" in md
 
@@ -83,8 +91,9 @@ def test_rle_reconstruct_flag_rebuilds_from_the_kept_leads(searched):
     rle = json.loads((searched["rle"] / "rle.json").read_text())
     rec = rle["reconstruction"]
     assert rec["leads"] == ["AVL", "V2"] and rec["model"] == "uresnet_tiny"
-    assert set(rec["reconstruction"]["r"]) == {"I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4",
-                                               "V5", "V6"}
+    rebuilt = [x for x in LEADS if x not in ("AVL", "V2")]
+    assert rec["reconstruction"]["rebuilt_leads"] == rebuilt and list(rec["reconstruction"]["r"]) == rebuilt
+    assert list(rec["reconstruction"]["inputs"]["r"]) == ["AVL", "V2"]
     n = {k: v["n_records"] for k, v in rec["classifier_test"].items()}
     assert set(n) == {"true_12", "rebuilt_12", "kept_zeroed"} and len(set(n.values())) == 1
     assert "Reconstruction from AVL,V2" in (searched["rle"] / "rle.md").read_text()

@@ -84,6 +84,25 @@ def test_multilabel_targets_and_pos_weight_by_hand(cache):
     assert json.loads(json.dumps(state)) == state
 
 
+def test_superclass_drops_unlabeled_records_rhythm_and_age_keep_their_rules(cache):
+    idx = np.arange(12)
+    sup = get_task("superclass")
+    # record i is positive for class c when i % (c + 2) == 0: records 1, 7, 11 have no superclass
+    unlabeled = [i for i in idx if not any(i % (c + 2) == 0 for c in range(len(SUPERCLASSES)))]
+    assert unlabeled == [1, 7, 11]
+    assert np.flatnonzero(~sup.sample_mask(cache, idx)).tolist() == unlabeled
+    assert sup.sample_mask(cache, idx, keep_unlabeled=True).all()
+    assert sup.requires_label and not get_task("rhythm").requires_label
+    # rhythm records 6..11 carry none of the six codes: valid negatives, kept either way
+    rhy = get_task("rhythm")
+    assert not get_task("rhythm").targets(cache, idx)[6:].any()
+    assert rhy.sample_mask(cache, idx).all() and rhy.sample_mask(cache, idx, keep_unlabeled=True).all()
+    # a missing age stays excluded whatever keep_unlabeled says
+    age = get_task("age")
+    assert (age.sample_mask(cache, idx, keep_unlabeled=True) == age.sample_mask(cache, idx)).all()
+    assert (~age.sample_mask(cache, idx)).sum() == 2
+
+
 def test_class_without_training_positives_is_named(cache):
     t = get_task("rhythm")
     y = t.targets(cache, np.arange(10)).copy()

@@ -25,8 +25,22 @@ def _search_options(p: argparse.ArgumentParser, out_default: str) -> None:
     src.add_argument("--config", help="JSON TrainConfig or a {\"config\": {...}} wrapper")
     src.add_argument("--from-study", help="tuning study folder; its best.json holds the config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training setting, e.g. --set epochs=5")
-    p.add_argument("--epochs", type=int, help="shortcut for --set epochs=N")
+                   help="override a training setting, e.g. --set lr=3e-4")
+    p.add_argument("--epochs", type=int, default=30,
+                   help="epoch budget of every training in the search (default 30; a study's own budget is "
+                        "ignored); each training stops earlier after --patience epochs without improvement")
+    p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs (default 6)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="seeds per training unit (default 3): scores are means over seeds and every interval "
+                        "includes training variance; 1 measures none")
+    p.add_argument("--margin", type=float,
+                   help="non-inferiority margin on the test fold (default 0.01 macro AUROC; 0.5 years of MAE for age)")
+    p.add_argument("--eval-model", choices=("shared", "per-step"),
+                   help="eval mode: 'shared' scores every step by masking one subset-lead-dropout model "
+                        "(default for mlresnet); 'per-step' retrains a model on each step's leads")
+    p.add_argument("--shared-lead-dropout", type=float, default=0.5,
+                   help="probability that a batch of the shared model sees a random lead subset (default 0.5)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own output on the console (else OUT/ray.log)")
     p.add_argument("--workers-per-trial", type=int, default=1,
                    help="Ray Train workers per training trial (>1: a TorchTrainer per trial)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs (and torch threads) per trial")
@@ -91,14 +105,18 @@ def _base_config(args):
         cfg = TrainConfig.from_file(args.config)
     else:
         cfg = TrainConfig()
-    if args.epochs is not None:
-        cfg = cfg.replace(epochs=args.epochs)
+    if getattr(args, "epochs", None) is not None and not hasattr(args, "repeats"):
+        cfg = cfg.replace(epochs=args.epochs)   # `reconstruct`: its own training length
     return apply_overrides(cfg, args.overrides)
 
 
 def _settings(args):
     from ecgsearch.search.context import SearchSettings
 
+    for pair in args.overrides:   # the budget is the search's own setting, never a silent override
+        if pair.split("=", 1)[0] in ("epochs", "early_stop_patience"):
+            raise ValueError(f"--set {pair}: a search's epoch budget and patience are set with --epochs and "
+                             "--patience")
     start = parse_leads(args.start_leads) if getattr(args, "start_leads", None) else None
     kw = {"start_leads": start} if start else {}
     return SearchSettings(
@@ -107,7 +125,9 @@ def _settings(args):
         workers_per_trial=args.workers_per_trial, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, executor=args.executor,
         tracking_uri=args.tracking_uri, tracking=not args.no_tracking, experiment=args.experiment,
-        baselines=not getattr(args, "no_baselines", False), resume=args.resume, **kw)
+        baselines=not getattr(args, "no_baselines", False), resume=args.resume, repeats=args.repeats,
+        epochs=args.epochs, patience=args.patience, margin=args.margin, eval_model=args.eval_model,
+        shared_lead_dropout=args.shared_lead_dropout, verbose=args.verbose, **kw)
 
 
 def _clean_errors(fn, *a, **kw):
@@ -139,12 +159,21 @@ def cmd_rle(args: argparse.Namespace) -> int:
         print(f"ecgsearch rle: interrupted ({exc or 'Ctrl-C'}); finished candidates are saved in "
               f"{args.out}/state.json: run again with --resume", file=sys.stderr)
         return 130
-    metric = result["settings"]["metric"]
+    metric, ni = result["settings"]["metric"], result["settings"]["ni_metric"]
     print(f"elimination order: {' > '.join(result['elimination_order'])}")
-    print(f"kept leads: {','.join(result['kept'])}")
+    undecided = [st["step"] for st in result["steps"] if not st["decisive"]]
+    print(f"kept leads: {','.join(result['kept'])}" + (f" (steps {', '.join(map(str, undecided))} not decisive: "
+                                                       "within noise)" if undecided else ""))
+    by = {tuple(e["leads"]): e for e in result["noninferiority"] if e["path"]}
     for e in result["by_n_leads"]:
-        print(f"  {e['n_leads']:2d} leads {e['leads_key']:<40s} test {metric}={e['test'][metric]:.4f}")
+        iv, d = e["intervals"][metric], by[tuple(e["leads"])]
+        print(f"  {e['n_leads']:2d} leads {e['leads_key']:<38s} test {metric} {iv['value']:.4f} "
+              f"[{iv['ci'][0]:.4f}, {iv['ci'][1]:.4f}]  delta {ni} {d['delta']:+.4f} "
+              f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] {d['verdict']}")
+    for w in result["warnings"]:
+        print(f"WARNING: {w}")
     print(f"wrote {Path(args.out) / 'rle.json'} and {Path(args.out) / 'rle.md'}")
+    print(f"answer: {result['answer_line']}")
     return 0
 
 
@@ -158,11 +187,23 @@ def cmd_subsets(args: argparse.Namespace) -> int:
         print(f"ecgsearch subsets: interrupted ({exc or 'Ctrl-C'}); run again with --resume", file=sys.stderr)
         return 130
     best = result["ranking"][0]
-    print(f"best {args.k}-lead subset: {best['leads_key']} ({result['settings']['metric']}={best['score']:.4f})")
+    metric = result["settings"]["metric"]
+    print(f"best {args.k}-lead subset: {best['leads_key']} ({metric}={best['score']:.4f}"
+          + (f" ± {best['seed_sd']:.4f} over seeds" if best.get("seed_sd") == best.get("seed_sd") and
+             best.get("seed_sd") is not None else "") + ")")
     if "rle" in result:
         r = result["rle"]
         print(f"RLE's choice {r['leads_key']}: rank {r['rank']} of {r['of']}, gap to best {r['gap_to_best']:.4f}")
+    ok = [row for row in result["ranking"] if row["noninferiority"]["noninferior"]]
     print(f"wrote {Path(args.out) / 'subsets.json'} and {Path(args.out) / 'subsets.md'}")
+    ni, margin = result["settings"]["ni_metric"], result["settings"]["margin"]
+    if ok:
+        d = ok[0]["noninferiority"]
+        print(f"answer: {len(ok)} of {len(result['ranking'])} {args.k}-lead subsets are non-inferior to 12 leads at "
+              f"margin {margin:g} {ni}; best ranked of them {ok[0]['leads_key']}: delta {d['delta']:+.4f} "
+              f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")
+    else:
+        print(f"answer: no {args.k}-lead subset is non-inferior to 12 leads at margin {margin:g} {ni}")
     return 0
 
 

@@ -18,7 +18,8 @@ def register(sub) -> None:
     p.add_argument("--leads", help="comma-separated input leads, e.g. I,II,V2 (default: all 12)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--out", default="runs/train", help="output folder (model.ckpt, metrics.json)")
-    p.add_argument("--config", help="JSON TrainConfig, or a study's best.json")
+    p.add_argument("--config", help="JSON TrainConfig, a study's best.json, or a packaged preset name "
+                                    "(e.g. ribeiro2020)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set lr=3e-4 --set model_kwargs.dropout=0.3")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last/model.ckpt")
@@ -52,6 +53,7 @@ def _config(args):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ecgsearch.engine import evaluate, train
+    from ecgsearch.engine.evaluate import operating_points
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = _config(args)
@@ -64,8 +66,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, args.data, out, resume_from=resume)
     metrics = {"config": cfg.to_dict(), "best_epoch": result.best_epoch, "precision": result.state.precision,
                "val": evaluate(result.state, args.data, "val"), "test": evaluate(result.state, args.data, "test")}
+    # Thresholds come from the validation fold (stored in the checkpoint); the test fold only scores them.
+    ops = operating_points(result.state, args.data, "test", bootstrap=cfg.bootstrap)
+    if ops is not None:
+        metrics["operating_points"] = ops
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     _summary(metrics["test"], result.state.cfg.task, "test")
+    if ops is not None:
+        _operating_summary(ops)
     print(f"wrote {out / 'model.ckpt'} and {out / 'metrics.json'}")
     return 0
 
@@ -77,6 +85,21 @@ def _summary(m: dict, task: str, split: str) -> None:
         ci = m.get("ci", {}).get(k)
         parts.append(f"{k}={m[k]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
     print(f"{task} {split} (n={m.get('n_records')}): " + "  ".join(parts))
+
+
+def _fmt(value: float, ci) -> str:
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _operating_summary(m: dict) -> None:
+    """Per-class F1 / sensitivity / specificity (95% CI) at the validation-chosen thresholds."""
+    ci = m.get("ci", {})
+    print(f"operating points on {m['split']} (thresholds from {m['threshold_split']}, n={m['n']}): "
+          f"macro_f1={_fmt(m['macro_f1'], ci.get('macro_f1'))}")
+    for c, t in m["thresholds"].items():
+        cols = "  ".join(f"{short}={_fmt(m[key][c], ci.get(f'{key}/{c}'))}"
+                         for key, short in (("f1", "F1"), ("sensitivity", "sens"), ("specificity", "spec")))
+        print(f"  {c:<6} t={t:.3f}  {cols}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -34,6 +34,10 @@ class Checkpoint:
     val_metrics: dict
     precision: str
     extra: dict = field(default_factory=dict)  # resume state (optimizer, scheduler, best weights, history)
+    # Multi-label tasks: per-class F1-max thresholds chosen on this checkpoint's validation
+    # predictions (class name -> float, NaN for a class without validation positives).
+    # None for other tasks and for checkpoints written before thresholds existed.
+    thresholds: dict[str, float] | None = None
 
 
 def to_payload(ck: Checkpoint, model_state: dict | None = None) -> dict[str, Any]:
@@ -55,6 +59,7 @@ def to_payload(ck: Checkpoint, model_state: dict | None = None) -> dict[str, Any
         "val_metrics": ck.val_metrics,
         "precision": ck.precision,
         "extra": ck.extra,
+        "thresholds": None if ck.thresholds is None else {str(k): float(v) for k, v in ck.thresholds.items()},
     }
 
 
@@ -97,4 +102,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         val_metrics=raw["val_metrics"],
         precision=raw["precision"],
         extra=raw.get("extra") or {},
+        thresholds=_thresholds(raw.get("thresholds")),
     )
+
+
+def _thresholds(raw) -> dict[str, float] | None:
+    return None if raw is None else {str(k): float(v) for k, v in raw.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ class TrainConfig:
     splits: dict[str, list[int]] = field(default_factory=_default_splits)
     bootstrap: int = 1000
     threads: int | None = None
+    # Superclass task: keep records with no superclass statement (False = the PTB-XL
+    # benchmark of Strodthoff et al. 2020, which leaves them out of every split).
+    keep_unlabeled: bool = False
 
     def __post_init__(self) -> None:
         self.leads = parse_leads(self.leads)
@@ -70,6 +74,8 @@ class TrainConfig:
             raise bad("n_samples", "must be positive")
         if self.bootstrap < 0:
             raise bad("bootstrap", "must be >= 0")
+        if not isinstance(self.keep_unlabeled, bool):
+            raise bad("keep_unlabeled", "must be true or false")
         missing = {"train", "val", "test"} - set(self.splits)
         if missing:
             raise bad("splits", f"missing split(s) {sorted(missing)}")
@@ -101,11 +107,22 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
-        """A JSON TrainConfig dict, or a wrapper with the dict under "config" (e.g. a study's best.json)."""
+        """A JSON TrainConfig dict, or a wrapper with the dict under "config" (e.g. a study's best.json).
+
+        A name that is not an existing file but names a packaged preset (`ribeiro2020`, see
+        `list_presets`) loads that preset; a file of the same name always wins.
+        """
+        preset = None if Path(path).exists() else _preset_name(path)
         try:
-            raw = json.loads(Path(path).read_text())
+            if preset is not None:
+                text = (resources.files("ecgsearch") / "configs" / f"{preset}.json").read_text()
+                path = f"preset {preset}"
+            else:
+                text = Path(path).read_text()
+            raw = json.loads(text)
         except FileNotFoundError:
-            raise FileNotFoundError(f"config file {path} does not exist") from None
+            raise FileNotFoundError(f"config file {path} does not exist and is not a packaged preset "
+                                    f"(presets: {', '.join(list_presets()) or 'none'})") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
         if isinstance(raw, dict) and isinstance(raw.get("config"), dict):
@@ -113,6 +130,23 @@ class TrainConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path} must hold a JSON object of training settings")
         return cls.from_dict(raw)
+
+
+def list_presets() -> list[str]:
+    """Names of the TrainConfig presets packaged in ecgsearch/configs."""
+    root = resources.files("ecgsearch") / "configs"
+    if not root.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def _preset_name(path: str | Path) -> str | None:
+    """The preset a bare name (`ribeiro2020` or `ribeiro2020.json`) refers to, if any."""
+    text = str(path)
+    if Path(text).name != text:      # a path with folders is always a file, never a preset
+        return None
+    name = text[:-5] if text.endswith(".json") else text
+    return name if name in list_presets() else None
 
 
 def coerce_value(text: str) -> Any:

@@ -12,6 +12,7 @@ from ecgsearch.engine.inputs import conform
 from ecgsearch.engine.runtime import autocast, pick_device, resolve_precision
 from ecgsearch.engine.train import open_data
 from ecgsearch.leads import parse_leads
+from ecgsearch.metrics import f1_max_thresholds, operating_point_metrics
 from ecgsearch.tasks import get_task
 
 
@@ -36,7 +37,7 @@ def predict_split(ck: Checkpoint | str | Path, data, split: str, *, drop_leads=(
     if drop and len(drop) == len(ck.leads):
         raise ValueError("cannot drop every lead the model reads")
     prep = P.from_checkpoint(ck, data)
-    idx = P.split_indices(data, prep.task, splits or ck.cfg.splits, split)
+    idx = P.split_indices(data, prep.task, splits or ck.cfg.splits, split, keep_unlabeled=ck.cfg.keep_unlabeled)
     device = pick_device()
     y, p = P.predict(ck.model.to(device), prep, data, idx, batch_size=128, device=device, precision="fp32",
                      drop_leads=drop)
@@ -59,6 +60,30 @@ def evaluate(ck: Checkpoint | str | Path, data, split: str = "test", *, bootstra
     if drop:
         metrics["dropped_leads"] = list(drop)
     return metrics
+
+
+def operating_points(ck: Checkpoint | str | Path, data, split: str = "test", *, bootstrap: int | None = None,
+                     seed: int = 0) -> dict | None:
+    """F1, sensitivity and specificity on `split` at the checkpoint's validation-chosen thresholds.
+
+    Multi-label tasks only (None otherwise). A checkpoint from before thresholds were stored
+    gets them recomputed from its validation predictions, so the test fold never picks them.
+    """
+    ck = _as_checkpoint(ck)
+    task = get_task(ck.cfg.task)
+    if task.kind != "multilabel":
+        return None
+    data = open_data(data)
+    thresholds = ck.thresholds
+    if thresholds is None:
+        _, y_val, p_val = predict_split(ck, data, "val")
+        thresholds = dict(zip(task.output_names, f1_max_thresholds(y_val, p_val).tolist()))
+    _, y, p = predict_split(ck, data, split)
+    n_boot = ck.cfg.bootstrap if bootstrap is None else bootstrap
+    out = operating_point_metrics(y, p, thresholds, task.output_names, bootstrap=n_boot, seed=seed)
+    out["split"] = split
+    out["threshold_split"] = "val"
+    return out
 
 
 def predict_records(ck: Checkpoint | str | Path, paths) -> list[dict]:

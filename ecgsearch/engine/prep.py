@@ -43,16 +43,23 @@ class Prepared:
         return len(LEADS) if self.task.kind == "reconstruction" else self.task.num_outputs()
 
 
-def split_indices(data, task: Task, splits: dict, split: str) -> np.ndarray:
-    """Record indices of a split, less those the task cannot use (e.g. missing age)."""
+def split_indices(data, task: Task, splits: dict, split: str, keep_unlabeled: bool = False) -> np.ndarray:
+    """Record indices of a split, less those the task cannot use (missing age; for superclass,
+    records without a superclass statement unless keep_unlabeled, see `Task.sample_mask`).
+
+    Pass the run's `cfg.keep_unlabeled` so train, validation and test folds follow one rule.
+    """
     if split not in splits:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(splits)}")
     folds = data.meta["strat_fold"].to_numpy()
     idx = np.flatnonzero(np.isin(folds, splits[split]))
-    if len(idx):
-        idx = idx[task.sample_mask(data, idx)]
+    n_folds = len(idx)
+    if n_folds:
+        idx = idx[task.sample_mask(data, idx, keep_unlabeled=keep_unlabeled)]
     if len(idx) == 0:
-        raise ValueError(f"split {split!r} (folds {splits[split]}) holds no usable records for task {task.name!r}")
+        why = f" (all {n_folds} records in those folds lack a usable {task.name} label or target)" if n_folds else ""
+        raise ValueError(f"split {split!r} (folds {splits[split]}) holds no usable records for task "
+                         f"{task.name!r}{why}")
     return idx
 
 
@@ -60,7 +67,7 @@ def fit(cfg: TrainConfig, data) -> tuple[Prepared, np.ndarray]:
     """Resolve geometry, fit normalisers and target state on the training folds only."""
     task = get_task(cfg.task)
     fs, n_samples = resolve_geometry(data.fs, data.n_samples, cfg.target_fs, cfg.n_samples)
-    train_idx = split_indices(data, task, cfg.splits, "train")
+    train_idx = split_indices(data, task, cfg.splits, "train", keep_unlabeled=cfg.keep_unlabeled)
     recon = task.kind == "reconstruction"
     source = SignalSource(data, LEADS if recon else cfg.leads, fs, n_samples)
     rng = np.random.default_rng(cfg.seed)

@@ -22,7 +22,7 @@ from ecgsearch.engine.checkpoint import Checkpoint, load_checkpoint, save_checkp
 from ecgsearch.engine.config import TrainConfig
 from ecgsearch.engine.runtime import (autocast, epoch_order, pick_device, resolve_precision, seed_everything,
                                       world)
-from ecgsearch.metrics import flatten_metrics
+from ecgsearch.metrics import f1_max_thresholds, flatten_metrics
 from ecgsearch.models import create_model
 
 log = logging.getLogger("ecgsearch.engine")
@@ -86,7 +86,7 @@ def train(cfg: TrainConfig, data, out_dir: str | Path | None = None, *, resume_f
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
     prep, train_idx = P.fit(cfg, data)
-    val_idx = P.split_indices(data, prep.task, cfg.splits, "val")
+    val_idx = P.split_indices(data, prep.task, cfg.splits, "val", keep_unlabeled=cfg.keep_unlabeled)
     task = prep.task
 
     model = create_model(cfg.model, n_leads=len(prep.leads), num_outputs=prep.num_outputs,
@@ -100,6 +100,7 @@ def train(cfg: TrainConfig, data, out_dir: str | Path | None = None, *, resume_f
 
     best_state, best_score, best_epoch, bad_epochs, history, start = None, math.nan, 0, 0, [], 1
     best_metrics: dict = {}
+    best_thresholds: dict[str, float] | None = None
     if resume_from is not None:
         ck = load_checkpoint(resume_from)
         _check_resume(cfg, ck, resume_from)
@@ -110,6 +111,7 @@ def train(cfg: TrainConfig, data, out_dir: str | Path | None = None, *, resume_f
         best_score, best_epoch = float(ck.extra["best_score"]), int(ck.extra["best_epoch"])
         bad_epochs, history = int(ck.extra["bad_epochs"]), list(ck.extra["history"])
         best_metrics = ck.extra.get("best_metrics", {})
+        best_thresholds = ck.extra.get("best_thresholds")   # absent in resume files from before thresholds
         start = ck.epoch + 1
         log.info("resumed from %s at epoch %d", resume_from, start)
 
@@ -124,10 +126,12 @@ def train(cfg: TrainConfig, data, out_dir: str | Path | None = None, *, resume_f
     else:
         ckpt_root = None
 
-    def snapshot(epoch: int, score: float, metrics: dict, extra: dict | None = None) -> Checkpoint:
+    def snapshot(epoch: int, score: float, metrics: dict, thresholds: dict[str, float] | None,
+                 extra: dict | None = None) -> Checkpoint:
         return Checkpoint(model=model, cfg=cfg, leads=prep.leads, fs=prep.fs, n_samples=prep.n_samples,
                           norm=prep.norm, target_norm=prep.target_norm, target_state=prep.target_state,
-                          epoch=epoch, score=score, val_metrics=metrics, precision=precision, extra=extra or {})
+                          epoch=epoch, score=score, val_metrics=metrics, precision=precision, extra=extra or {},
+                          thresholds=thresholds)
 
     try:
         for epoch in range(start, cfg.epochs + 1):
@@ -151,15 +155,19 @@ def train(cfg: TrainConfig, data, out_dir: str | Path | None = None, *, resume_f
             t_train = time.perf_counter() - t0
             train_loss = _mean_across_ranks(total, count, device)
             # Every rank scores the full validation fold with the same weights, so LR and stopping
-            # decisions agree across ranks without extra communication.
+            # decisions agree across ranks without extra communication. Always fp32, whatever the
+            # training precision: bf16 rounding must not decide the best epoch or early stopping,
+            # and the scores then match what evaluate() reports for the saved checkpoint.
             y_val, p_val = P.predict(model, prep, data, val_idx, batch_size=max(cfg.batch_size, 128),
-                                     device=device, precision=precision)
+                                     device=device, precision="fp32")
             metrics = task.compute_metrics(y_val, p_val)
+            thresholds = _thresholds(task, y_val, p_val)
             score = float(metrics[task.selection_metric])
             sched.step(_plateau_value(task, score))
             is_best = best_state is None or task.better(score, best_score)
             if is_best:
                 best_score, best_epoch, bad_epochs, best_metrics = score, epoch, 0, metrics
+                best_thresholds = thresholds
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 bad_epochs += 1
@@ -174,11 +182,12 @@ def train(cfg: TrainConfig, data, out_dir: str | Path | None = None, *, resume_f
             if ckpt_root is not None:
                 extra = {"optimizer_state": opt.state_dict(), "scheduler_state": sched.state_dict(),
                          "best_model_state": best_state, "best_score": best_score, "best_epoch": best_epoch,
-                         "bad_epochs": bad_epochs, "history": history, "best_metrics": best_metrics}
+                         "bad_epochs": bad_epochs, "history": history, "best_metrics": best_metrics,
+                         "best_thresholds": best_thresholds}
                 epoch_dir = ckpt_root / "last"
-                save_checkpoint(epoch_dir / "model.ckpt", snapshot(epoch, score, metrics, extra))
+                save_checkpoint(epoch_dir / "model.ckpt", snapshot(epoch, score, metrics, thresholds, extra))
                 if is_best and out_dir is not None:
-                    save_checkpoint(out_dir / "model.ckpt", snapshot(epoch, score, metrics))
+                    save_checkpoint(out_dir / "model.ckpt", snapshot(epoch, score, metrics, thresholds))
             if on_epoch is not None:
                 on_epoch(EpochReport(epoch, flat, is_best, epoch_dir, should_stop))
             if should_stop:
@@ -192,12 +201,19 @@ def train(cfg: TrainConfig, data, out_dir: str | Path | None = None, *, resume_f
         raise ValueError(f"nothing to train: resumed at epoch {start} but epochs={cfg.epochs}")
     model.load_state_dict(best_state)
     model.eval()
-    state = snapshot(best_epoch, best_score, best_metrics)
+    state = snapshot(best_epoch, best_score, best_metrics, best_thresholds)
     ckpt_path = None
     if out_dir is not None and rank == 0:
         ckpt_path = save_checkpoint(out_dir / "model.ckpt", state)
     return TrainResult(model=model, state=state, best_epoch=best_epoch, best_score=best_score,
                        val_metrics=best_metrics, history=history, start_epoch=start, checkpoint_path=ckpt_path)
+
+
+def _thresholds(task, y_val, p_val) -> dict[str, float] | None:
+    """Multi-label tasks: this epoch's per-class F1-max thresholds on the validation fold."""
+    if task.kind != "multilabel":
+        return None
+    return {c: float(t) for c, t in zip(task.output_names, f1_max_thresholds(y_val, p_val))}
 
 
 def _mean_across_ranks(total: float, count: int, device) -> float:

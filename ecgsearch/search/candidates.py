@@ -1,11 +1,14 @@
 """Work units of a lead search and the executors that run them in parallel.
 
 A *unit* is a JSON-able dict naming one piece of work:
-- ``train``: train a model on a lead subset (a retrain candidate, an eval-mode step model,
-  a baseline, the model at a lead count);
-- ``drop``: score a trained model on the validation fold with one or more leads removed
-  at inference (an eval-mode candidate);
-- ``test``: test-fold metrics with bootstrap CIs for a trained model.
+- ``train``: train a model on a lead subset with one seed (a retrain candidate, an eval-mode
+  step model, the shared masked model, a baseline), then predict the validation and test folds;
+- ``predict``: a trained model's validation and test predictions with some leads removed at
+  inference (an eval-mode candidate, a lead count or baseline of the shared model).
+
+Every unit writes its predictions to ``preds`` (an .npz of record indices, targets and outputs
+for both folds, fp32 inference): the search computes every score, margin and interval from
+those arrays in the driver, so statistics never depend on where or how a trial ran.
 
 `run_unit` does the work in the current process. `RayTuneExecutor` runs a batch of units
 as parallel Ray Tune trials (one trial per unit; a trial may itself launch a multi-worker
@@ -25,7 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 OnDone = Callable[[dict, dict], None]
+SPLITS = ("val", "test")
 
 
 class UnitError(RuntimeError):
@@ -44,6 +50,47 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
+# Eval-mode candidates read the same checkpoint and cache many times in one worker process
+# (a reused Tune actor, or the local executor): load each once. Read-only, keyed by path.
+_OPENED: dict[str, Any] = {}
+
+
+def _opened(kind: str, path: str):
+    key = f"{kind}:{Path(path).resolve()}"
+    if key not in _OPENED:
+        from ecgsearch.engine import load_checkpoint
+        from ecgsearch.engine.train import open_data
+
+        if len(_OPENED) > 32:
+            _OPENED.clear()
+        _OPENED[key] = load_checkpoint(path) if kind == "ckpt" else open_data(path)
+    return _OPENED[key]
+
+
+def save_predictions(path: str | Path, ckpt, data, drop=(), cached: bool = False) -> dict[str, Any]:
+    """Predict val and test with `ckpt` (minus `drop` leads) into `path` (.npz, atomic)."""
+    from ecgsearch.engine import predict_split
+
+    ckpt = _opened("ckpt", str(ckpt)) if cached else ckpt
+    data = _opened("data", str(data))
+    arrays = {}
+    for split in SPLITS:
+        idx, y, p = predict_split(ckpt, data, split, drop_leads=tuple(drop))
+        arrays.update({f"{split}_idx": np.asarray(idx), f"{split}_y": np.asarray(y, np.float32),
+                       f"{split}_p": np.asarray(p, np.float32)})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return {"preds": str(path), "n_val": int(len(arrays["val_idx"])), "n_test": int(len(arrays["test_idx"]))}
+
+
+def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 def _train(unit: dict) -> dict:
     from ecgsearch.engine import TrainConfig, train
 
@@ -55,10 +102,15 @@ def _train(unit: dict) -> dict:
         shutil.rmtree(out_dir)
     workers = int(unit.get("workers", 1))
     if workers > 1:
-        return _train_multiworker(cfg, unit, out_dir, workers)
-    r = train(cfg, unit["data"], out_dir)
-    return {"val_score": float(r.best_score), "best_epoch": int(r.best_epoch), "epochs_run": len(r.history),
-            "checkpoint": str(r.checkpoint_path), "val_history": [float(h["score"]) for h in r.history]}
+        res = _train_multiworker(cfg, unit, out_dir, workers)
+    else:
+        r = train(cfg, unit["data"], out_dir)
+        res = {"val_score": float(r.best_score), "best_epoch": int(r.best_epoch), "epochs_run": len(r.history),
+               "checkpoint": str(r.checkpoint_path), "val_history": [float(h["score"]) for h in r.history]}
+    res["budget"] = int(cfg.epochs)
+    # Best epoch = last epoch: early stopping never triggered, the model was still improving.
+    res["still_improving"] = res["best_epoch"] == res["epochs_run"]
+    return {**res, **save_predictions(unit["preds"], res["checkpoint"], unit["data"])}
 
 
 def _train_multiworker(cfg, unit: dict, out_dir: Path, workers: int) -> dict:
@@ -79,30 +131,12 @@ def _train_multiworker(cfg, unit: dict, out_dir: Path, workers: int) -> dict:
             "checkpoint": str(out_dir / "model.ckpt"), "val_history": [float(h["score"]) for h in history]}
 
 
-def _metric(metrics: dict, name: str, what: str) -> float:
-    if name not in metrics:
-        raise UnitError(f"{what}: metric {name!r} missing from evaluation (have {', '.join(sorted(metrics))})")
-    return float(metrics[name])
-
-
-def _drop(unit: dict) -> dict:
-    from ecgsearch.engine import evaluate
-
+def _predict(unit: dict) -> dict:
     _threads(unit.get("threads"))
-    m = evaluate(unit["checkpoint"], unit["data"], "val", bootstrap=0, drop_leads=tuple(unit["drop"]))
-    return {"score": _metric(m, unit["metric"], unit["id"])}
+    return save_predictions(unit["preds"], unit["checkpoint"], unit["data"], unit.get("drop", ()), cached=True)
 
 
-def _test(unit: dict) -> dict:
-    from ecgsearch.engine import evaluate
-
-    _threads(unit.get("threads"))
-    m = evaluate(unit["checkpoint"], unit["data"], "test", bootstrap=int(unit["bootstrap"]),
-                 drop_leads=tuple(unit.get("drop", ())), seed=int(unit.get("seed", 0)))
-    return {"metrics": m}
-
-
-_KINDS: dict[str, Callable[[dict], dict]] = {"train": _train, "drop": _drop, "test": _test}
+_KINDS: dict[str, Callable[[dict], dict]] = {"train": _train, "predict": _predict}
 
 
 def run_unit(unit: dict) -> dict:
@@ -139,12 +173,25 @@ class LocalExecutor:
 
 
 def _tune_trial(config: dict, units: dict) -> None:
-    """Body of one Ray Tune trial: look the unit up by id, do it, report the result once."""
+    """Body of one Ray Tune trial: do the units of its pack, report their results once."""
     from ray import tune
 
-    result = run_unit(units[config["unit"]])
-    # Nested dicts would be flattened by Tune's loggers; ship the result as one JSON string.
-    tune.report({"result_json": json.dumps(result), "done": True})
+    results = {u["id"]: run_unit(u) for u in units[config["unit"]]}
+    # Nested dicts would be flattened by Tune's loggers; ship the results as one JSON string.
+    tune.report({"result_json": json.dumps(results), "done": True})
+
+
+def pack_units(units: Sequence[dict]) -> dict[str, list[dict]]:
+    """Trials of a batch: a training per trial; predictions grouped by the checkpoint they read.
+
+    An eval-mode step scores N candidates of one model in seconds; N separate trials would
+    spend more on Tune's per-trial start-up than on the work, so they share one trial.
+    """
+    packs: dict[str, list[dict]] = {}
+    for u in units:
+        key = f"pack:{u['checkpoint']}" if u["kind"] == "predict" else u["id"]
+        packs.setdefault(key, []).append(u)
+    return packs
 
 
 @dataclass
@@ -207,13 +254,17 @@ class RayTuneExecutor:
         by_id = {u["id"]: {**u, **self._extra(u)} for u in units}
         if len(by_id) != len(units):
             raise UnitError(f"{label}: duplicate unit ids in one batch")
+        # Trial names: the unit id for a training (a retried trial resumes under it); numbered
+        # packs for predictions (their checkpoint paths are too long to be names).
+        packs = {(f"predict-seed{v[0]['seed']}-{i:03d}" if k.startswith("pack:") else _safe(k)): v
+                 for i, (k, v) in enumerate(pack_units(list(by_id.values())).items())}
         cb = _done_callback(by_id, on_done)
         self._batch += 1
-        trainable = tune.with_resources(tune.with_parameters(_tune_trial, units=by_id),
+        trainable = tune.with_resources(tune.with_parameters(_tune_trial, units=packs),
                                         self._resources(units[0]["kind"]))
         tuner = tune.Tuner(
             trainable,
-            param_space={"unit": tune.grid_search(list(by_id))},
+            param_space={"unit": tune.grid_search(list(packs))},
             # reuse_actors: a finished trial's worker process takes the next unit, so torch and
             # ecgsearch are imported once per worker rather than once per candidate.
             tune_config=tune.TuneConfig(max_concurrent_trials=self.max_concurrent, reuse_actors=True,
@@ -223,11 +274,11 @@ class RayTuneExecutor:
                                       storage_path=str(self.storage), callbacks=[cb], verbose=0),
         )
         grid = tuner.fit()
-        errors = dict(cb.errors)
+        errors = {uid: msg for pack, msg in cb.errors.items() for uid in (u["id"] for u in packs[pack])}
         for res in grid:
-            uid = res.config["unit"]
-            if res.error is not None and uid not in errors:
-                errors[uid] = f"{type(res.error).__name__}: {res.error}"
+            if res.error is not None:
+                for uid in (u["id"] for u in packs[res.config["unit"]]):
+                    errors.setdefault(uid, f"{type(res.error).__name__}: {res.error}")
         unfinished = [uid for uid in by_id if uid not in cb.finished and uid not in errors]
         if unfinished and not errors:
             # Tune stops a run on SIGINT and returns instead of raising: nothing failed, the
@@ -257,13 +308,14 @@ def _done_callback(units: dict, on_done: OnDone):
             self.errors: dict[str, str] = {}
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            uid = trial.config["unit"]
+            pack = trial.config["unit"]
             raw = (trial.last_result or {}).get("result_json")
             if raw is None:
-                self.errors[uid] = "trial ended without reporting a result"
+                self.errors[pack] = "trial ended without reporting a result"
                 return
-            self.finished.add(uid)
-            on_done(units[uid], json.loads(raw))
+            for uid, result in json.loads(raw).items():
+                self.finished.add(uid)
+                on_done(units[uid], result)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.errors[trial.config["unit"]] = str(getattr(trial, "error_msg", None)

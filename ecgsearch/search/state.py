@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "state.json"
-VERSION = 1
+VERSION = 2   # 2: units per training seed, predictions on disk
 
 
 def _dump_atomic(path: Path, obj: Any) -> None:

@@ -95,7 +95,18 @@ def markdown(result: Mapping[str, Any], top: int = 10) -> str:
         lines += [f"**RLE's choice {rle['leads_key']} ranks {rle['rank']} of {rle['of']}**, "
                   f"score {rle['score']:.4f}; the best, {','.join(rle['best_leads'])}, scores "
                   f"{rle['best_score']:.4f} (gap {rle['gap_to_best']:.4f}).", ""]
-    lines += ["| rank | leads | score |", "|---:|---|---:|"]
+    ni = s.get("ni_metric", "")
+    lines += [f"Scores: mean over {s.get('repeats', 1)} seed(s) ± their SD. delta = {ni}(subset) - {ni}(12 leads) "
+              f"on the test fold (seed ensembles, paired 95% CI resampling seeds and records), margin "
+              f"{s.get('margin', float('nan')):g}.", "",
+              f"| rank | leads | score | delta {ni} [95% CI] | verdict |", "|---:|---|---:|---:|---|"]
     for row in result["ranking"][:top]:
-        lines.append(f"| {row['rank']} | {row['leads_key']} | {row['score']:.4f} |")
+        sd = row.get("seed_sd")
+        score = f"{row['score']:.4f}" + (f" ± {sd:.4f}" if sd is not None and sd == sd else "")
+        d = row.get("noninferiority") or {}
+        delta = (f"{d['delta']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" if d.get("ci") and None not in d["ci"]
+                 else "n/a")
+        lines.append(f"| {row['rank']} | {row['leads_key']} | {score} | {delta} | {d.get('verdict', 'n/a')} |")
+    n_ok = sum(1 for row in result["ranking"] if (row.get("noninferiority") or {}).get("noninferior"))
+    lines += ["", f"{n_ok} of {len(result['ranking'])} subsets are non-inferior to 12 leads at this margin."]
     return "\n".join(lines) + "\n"

@@ -47,6 +47,9 @@ class Tracker:
     def log_artifacts(self, run_id: str | None, paths: Iterable[str | Path]) -> None:
         pass
 
+    def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
+        pass
+
     def tag(self, run_id: str | None, key: str, value: str) -> None:
         pass
 
@@ -100,6 +103,10 @@ class MlflowTracker(Tracker):
         if run_id is not None:
             for p in paths:
                 self.t.log_artifact(run_id, p)
+
+    def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
+        if run_id is not None:
+            self.t.log_params(run_id, params)
 
     def tag(self, run_id: str | None, key: str, value: str) -> None:
         if run_id is not None:
