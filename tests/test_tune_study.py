@@ -1,5 +1,6 @@
 """A real study: `ecgsearch tune` (OptunaSearch + ASHA, 4 trials x 2 epochs) killed mid-study and
-resumed, then checked in MLflow, on disk and against its own best checkpoint."""
+resumed, then checked in MLflow, on disk and against its own best checkpoint; and what a study
+prints: our progress and summary lines, Ray's output only in OUT/ray.log unless --verbose."""
 from __future__ import annotations
 
 import json
@@ -170,3 +171,40 @@ def test_unreachable_tracking_server_fails_before_training(synth_cache, tmp_path
     err = capsys.readouterr().err
     assert rc == 2 and f"http://127.0.0.1:{port} does not answer" in err
     assert not (out / "ray").exists() and not (out / "train").exists() and not (out / "events.jsonl").exists()
+
+
+def _console(ray_address: str, argv: list[str]) -> str:
+    """A driver process's whole console (stdout + stderr) for `ecgsearch <argv>`, joining the session's Ray."""
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    proc = subprocess.run([sys.executable, "-m", "ecgsearch", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc.stdout
+
+
+def test_console_shows_progress_and_summary_and_ray_output_goes_to_ray_log(ray_session, synth_cache,  # noqa: F811
+                                                                          tmp_path):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps(SPACE))
+    argv = _args(synth_cache, tmp_path / "quiet", space)
+    argv[argv.index("--trials") + 1], argv[argv.index("--epochs") + 1] = "2", "1"
+    text = _console(ray_session, argv)
+    lines = text.splitlines()
+    assert lines[0].startswith("study resnet1d_tiny-rhythm-quiet: 2 trials x 1 epoch of") and "ray.log" in lines[0]
+    assert "[tune] 2 trials: 0/2 done" in text and "[tune] 2 trials: 2/2 done" in text
+    assert sum(" done after 1/1 epochs: macro_auprc=" in ln and "best so far: trial " in ln for ln in lines) == 2
+    assert any(ln.startswith("best trial ") for ln in lines)
+    for noise in ("(pid=", "(raylet)", "Trial status", "Trial name", "╭", "View detailed results", "TensorBoard",
+                  "Started a local Ray", "Connecting to existing Ray", "A new study created", "mlflow."):
+        assert noise not in text, f"{noise!r} on the console:\n{text}"
+    assert len(lines) <= 10, text                    # it was ~200 lines of Ray output for this study
+    ray_log = (tmp_path / "quiet" / "ray.log").read_text()
+    assert "joined Ray cluster" in ray_log and "Ray session logs" in ray_log
+
+    verbose = _args(synth_cache, tmp_path / "verbose", space, "--verbose")
+    verbose[verbose.index("--trials") + 1], verbose[verbose.index("--epochs") + 1] = "1", "1"
+    text = _console(ray_session, verbose)
+    assert "(RayTrainWorker pid=" in text and "Trial status" in text    # Ray's own output is back
+    assert "trial " in text and "best trial " in text                   # and our summary lines stay
+    assert "[tune] 1 trials" not in text                                # but no display to break it up
+    assert "joined Ray cluster" in (tmp_path / "verbose" / "ray.log").read_text()

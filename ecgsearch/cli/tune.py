@@ -37,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--max-failures", type=int, default=2, help="worker restarts per trial, from its checkpoint")
     p.add_argument("--runtime-env", help="Ray runtime_env YAML/JSON used when joining a cluster")
     p.add_argument("--no-register", action="store_true", help="skip the MLflow model registry")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output (trial tables, worker logs) on the console; it always goes "
+                        "to OUT/ray.log")
     p.set_defaults(func=cmd_tune)
 
 
@@ -77,7 +80,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         search_space=Path(args.search_space) if args.search_space else None, resume=args.resume,
         tracking_uri=args.tracking_uri, experiment=args.experiment, study_name=args.study_name, seed=args.seed,
         base_config=_base_config(args), grace_period=args.grace_period, max_failures=args.max_failures,
-        register_model=not args.no_register,
+        register_model=not args.no_register, verbose=args.verbose,
         cluster=ClusterSettings(runtime_env=_runtime_env(args.runtime_env)))
     previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:

@@ -5,14 +5,20 @@ set (Ray sets it for submitted jobs) we join that cluster, otherwise we start a 
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("ecgsearch.distributed")
+# What we say about Ray itself (resources, session folder): Ray's business, so it goes where
+# Ray's own records go (see `route_ray_output`), while our warnings stay on the console.
+ray_log = logging.getLogger("ecgsearch.ray")
 
 # The folder holding the `ecgsearch` package: put on PYTHONPATH for a local cluster so Ray's
 # worker processes import the same working tree as the driver even without `pip install -e .`.
@@ -34,6 +40,114 @@ class ClusterSettings:
     # whether the controller is alive, frees the workers' CPUs. Without it they leak and later
     # trials wait forever. It binds 127.0.0.1.
     include_dashboard: bool = True
+    # Forward the workers' stdout/stderr (the "(pid=...)" lines) to this console. None: not while
+    # `route_ray_output` keeps Ray quiet, else yes. It is fixed when this driver connects.
+    log_to_driver: bool | None = None
+
+
+# Loggers whose records are Ray's (and the libraries a study drives) verbose output. Each has its
+# own console handler and does not propagate, so routing them means swapping handlers.
+_ROUTED = ("ray", "ray.data", "optuna", "mlflow", "alembic", "ecgsearch.ray")
+_quiet = {"log_to_driver": True}  # what `ensure_ray` uses when ClusterSettings leaves it None
+
+
+@contextlib.contextmanager
+def route_ray_output(log_file: Path, verbose: bool) -> Iterator[Path]:
+    """Within the block, Ray's, Tune's, Train's, Optuna's and MLflow's log records go to `log_file`;
+    unless `verbose`, only there, and Ray stays off the console:
+
+    - a driver that `ensure_ray` connects here gets `log_to_driver=False`: the workers' output
+      stays in Ray's session log folder (named in `log_file`); trial errors still come back
+      through Tune's results, which our code reports;
+    - Tune uses its legacy output engine, which at `verbose=0` prints nothing (the new engine
+      prints its configuration and final trial tables and a TensorBoard hint at any verbosity);
+    - messages the raylet pushes to the driver ("(raylet) WARNING: 8 PYTHON worker processes
+      ...") go to `log_file`: Ray prints them whatever `log_to_driver` says.
+
+    With `verbose` the records go to the console as before and to `log_file` as well. Everything
+    is restored on exit, so one process can run several commands (the demo does).
+    """
+    log_file = Path(log_file)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    with contextlib.ExitStack() as stack:
+        stack.callback(handler.close)
+        stack.callback(_reroute_loggers(handler, verbose))
+        before = _quiet["log_to_driver"]
+        _quiet["log_to_driver"] = bool(verbose)
+        stack.callback(_quiet.__setitem__, "log_to_driver", before)
+        if not verbose:
+            stack.enter_context(_env("RAY_AIR_NEW_OUTPUT", "0"))
+            stack.enter_context(_raylet_messages_to_log())
+        yield log_file
+
+
+def _reroute_loggers(handler: logging.Handler, verbose: bool):
+    """Add `handler` to the routed loggers (unless verbose, instead of their console handlers);
+    returns the function that undoes it."""
+    # These install their console handlers when imported: import them first, then reroute.
+    for module in ("ray", "ray.data", "optuna", "mlflow"):
+        importlib.import_module(module)
+    # Ray gives some sub-loggers (ray.data ...) console handlers of their own.
+    names = set(_ROUTED) | {n for n, lg in list(logging.Logger.manager.loggerDict.items())
+                            if n.startswith("ray.") and isinstance(lg, logging.Logger) and lg.handlers}
+    saved = []
+    for name in sorted(names):
+        lg = logging.getLogger(name)
+        saved.append((lg, list(lg.handlers), lg.propagate))
+        if verbose:
+            parts = name.split(".")
+            if not (lg.propagate and any(".".join(parts[:i]) in names for i in range(1, len(parts)))):
+                lg.addHandler(handler)   # (a propagating child reaches its routed parent's file anyway)
+            continue
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)      # console handlers only: Ray's own session files keep theirs
+        lg.addHandler(handler)
+        lg.propagate = False
+
+    def restore() -> None:
+        for lg, handlers, propagate in saved:
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+    return restore
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+@contextlib.contextmanager
+def _raylet_messages_to_log() -> Iterator[None]:
+    # The driver's error-listener thread prints what the raylet pushes through the module-level
+    # `print_to_stdstream`, looked up at each call, so swapping it reroutes them. A private API:
+    # if a Ray upgrade moves it, those lines simply reach the console again.
+    import ray._private.worker as worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None:
+        yield
+        return
+
+    def to_log(data, ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            ray_log.warning("(%s) %s", data.get("pid"), line)
+
+    worker.print_to_stdstream = to_log
+    try:
+        yield
+    finally:
+        worker.print_to_stdstream = original
 
 
 def ensure_ray(settings: ClusterSettings | None = None) -> str:
@@ -44,7 +158,8 @@ def ensure_ray(settings: ClusterSettings | None = None) -> str:
     if ray.is_initialized():
         return "reused"
     address = s.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"runtime_env": s.runtime_env or None, "log_to_driver": True}
+    log_to_driver = _quiet["log_to_driver"] if s.log_to_driver is None else s.log_to_driver
+    kwargs: dict[str, Any] = {"runtime_env": s.runtime_env or None, "log_to_driver": log_to_driver}
     if address:
         if s.num_cpus is not None or s.num_gpus is not None:
             raise ClusterError(f"num_cpus/num_gpus size a local Ray only; the cluster at {address} "
@@ -53,7 +168,8 @@ def ensure_ray(settings: ClusterSettings | None = None) -> str:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(f"could not join the Ray cluster at RAY_ADDRESS={address}: {exc}") from None
-        log.info("joined Ray cluster at %s: %s", address, ray.cluster_resources())
+        ray_log.info("joined Ray cluster at %s: %s", address, ray.cluster_resources())
+        _log_session()
         return "joined"
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if _CODE_ROOT not in paths:
@@ -68,8 +184,20 @@ def ensure_ray(settings: ClusterSettings | None = None) -> str:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=s.num_cpus, num_gpus=s.num_gpus, include_dashboard=s.include_dashboard,
              dashboard_host="127.0.0.1", **kwargs)
-    log.info("started local Ray: %s", ray.cluster_resources())
+    ray_log.info("started local Ray: %s", ray.cluster_resources())
+    _log_session()
     return "started"
+
+
+def _log_session() -> None:
+    # Where the workers' stdout/stderr went when they are not forwarded here. A private API,
+    # for a log line only: losing it on a Ray upgrade must not stop a study.
+    try:
+        from ray._private.worker import _global_node
+
+        ray_log.info("Ray session logs (workers' stdout/stderr): %s", _global_node.get_logs_dir_path())
+    except Exception:
+        pass
 
 
 def stop_ray() -> None:

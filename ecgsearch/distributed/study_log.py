@@ -1,4 +1,5 @@
-"""The Tune callback that records a study in MLflow and in `OUT/events.jsonl`.
+"""The Tune callback that records a study in MLflow and in `OUT/events.jsonl`, and the console
+summary (`StudyDisplay`) that listens to those events.
 
 It runs in the driver, so the tracking store has one writer however many trials run at once
 (a sqlite store would otherwise see several processes writing). What it logs is rank 0's
@@ -10,12 +11,14 @@ trial -> run map are rebuilt on demand, and runs are found again by their determ
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +39,40 @@ def trial_run_name(study: str, trial_id: str) -> str:
     return run_name(study, f"trial-{trial_id}")
 
 
+def root_cause(err: BaseException | str) -> str:
+    """Ray wraps a trial's exception in several tracebacks; the last line is what went wrong."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else (type(err).__name__ if isinstance(err, BaseException) else "unknown error")
+
+
+# Live listeners of a study's events in this driver, by events file. Not kept on the callback:
+# Tune pickles its callbacks into the experiment folder and `Tuner.restore` hands back that
+# pickled copy, which can carry no console display.
+_listeners: dict[str, Callable[[dict], None]] = {}
+
+
+@contextlib.contextmanager
+def listen(events: Path | str, fn: Callable[[dict], None]) -> Iterator[None]:
+    """Call `fn(row)` for every event appended to `events` within the block."""
+    key = os.path.abspath(events)
+    _listeners[key] = fn
+    try:
+        yield
+    finally:
+        _listeners.pop(key, None)
+
+
 def append_event(path: Path, event: str, **fields: Any) -> None:
     """One JSON line per trial event, tagged with the driver pid (tests tell sessions apart by it)."""
     row = {"t": round(time.time(), 3), "pid": os.getpid(), "event": event, **fields}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+    listener = _listeners.get(os.path.abspath(path))
+    if listener is not None:
+        try:
+            listener(row)
+        except Exception as exc:  # a display fault must not stop a study hours in
+            log.error("study display failed on %s: %s", event, exc)
 
 
 class StudyCallback(Callback):
@@ -91,8 +123,8 @@ class StudyCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
-        append_event(Path(self.events), "complete", trial=trial.trial_id,
-                     best_score=_num(last.get("best_score")), epoch=last.get("epoch"))
+        append_event(Path(self.events), "complete", trial=trial.trial_id, best_score=_num(last.get("best_score")),
+                     epoch=last.get("epoch"), stopped_by=self._stopped_by(last))
         self._guard(lambda: self._finish(trial, last))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -106,8 +138,8 @@ class StudyCallback(Callback):
         epoch = int(last.get("epoch", 0) or 0)
         tags = {"ecgsearch.best_score": last.get("best_score"), "ecgsearch.best_epoch": last.get("best_epoch"),
                 "ecgsearch.last_epoch": epoch}
-        if epoch < self.epochs and not last.get("should_stop"):
-            tags["ecgsearch.stopped_by"] = "asha"   # the scheduler ended it; not early stopping
+        if self._stopped_by(last) == "asha":
+            tags["ecgsearch.stopped_by"] = "asha"
         self.tracker.set_tags(run_id, {k: v for k, v in tags.items() if v is not None})
         ckpt = last.get("checkpoint_path")
         if ckpt and Path(ckpt).exists():
@@ -115,6 +147,13 @@ class StudyCallback(Callback):
                 export_best(ckpt, Path(tmp) / "model.ckpt")
                 self.tracker.log_artifact(run_id, Path(tmp) / "model.ckpt", "checkpoint")
         self.tracker.end_run(run_id, "FINISHED")
+
+    def _stopped_by(self, last: dict) -> str | None:
+        """'asha' (the scheduler ended it), 'early_stopping' (its own patience ran out) or None."""
+        epoch = int(last.get("epoch", 0) or 0)
+        if epoch >= self.epochs:
+            return None
+        return "early_stopping" if last.get("should_stop") else "asha"
 
     def _guard(self, fn) -> None:
         # A tracking hiccup must not kill a study that has been training for hours: it is logged
@@ -128,3 +167,51 @@ class StudyCallback(Callback):
 
 def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not math.isnan(float(v)) else None
+
+
+class StudyDisplay:
+    """Study events -> the progress display (trials done of N) and one summary line per finished
+    trial, with the best so far. Counts each trial once: a resumed driver may see it again."""
+
+    def __init__(self, progress, *, metric: str, mode: str, epochs: int, earlier: Iterable[dict] = ()) -> None:
+        self.progress, self.metric, self.mode, self.epochs = progress, metric, mode, epochs
+        self.finished: set[str] = set()
+        self.best: tuple[str, float] | None = None
+        for row in earlier:          # events of an earlier session of this study (--resume)
+            self._count(row)
+
+    def _count(self, row: dict) -> bool:
+        if row.get("event") not in ("complete", "error") or row.get("trial") in self.finished:
+            return False
+        self.finished.add(row["trial"])
+        score = row.get("best_score") if row["event"] == "complete" else None
+        if isinstance(score, (int, float)) and math.isfinite(score):
+            if self.best is None or (score > self.best[1] if self.mode == "max" else score < self.best[1]):
+                self.best = (row["trial"], float(score))
+        return True
+
+    def __call__(self, row: dict) -> None:
+        if not self._count(row):
+            return
+        trial = row["trial"]
+        if row["event"] == "error":
+            self.progress.note(f"trial {trial} failed: {self._error(row.get('error'))}")
+        else:
+            how = {"asha": "stopped by ASHA", "early_stopping": "stopped early"}.get(row.get("stopped_by"), "done")
+            score = row.get("best_score")
+            shown = f"{score:.4f}" if isinstance(score, (int, float)) else "n/a"
+            line = f"trial {trial} {how} after {row.get('epoch')}/{self.epochs} epochs: {self.metric}={shown}"
+            if self.best is not None:
+                line += f" | best so far: trial {self.best[0]} {self.metric}={self.best[1]:.4f}"
+            self.progress.note(line)
+        self.progress.done()
+
+    @staticmethod
+    def _error(error_file: str | None) -> str:
+        # The error file holds the trial's whole traceback; one line of it, and where the rest is.
+        if not error_file:
+            return "unknown error (see ray.log)"
+        try:
+            return f"{root_cause(Path(error_file).read_text())} (traceback: {error_file})"
+        except OSError:
+            return f"see {error_file}"

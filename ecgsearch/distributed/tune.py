@@ -7,6 +7,8 @@ Layout of OUT:
     train/<study>/trial-<id>/   each trial's Ray Train run: epoch checkpoints, resumable
     mlflow.db, mlartifacts/     the default MLflow store (sqlite) and its artifacts
     best.json, best.ckpt        the best trial's resolved TrainConfig + score, and its best weights
+    ray.log                     Ray's, Tune's, Optuna's and MLflow's log records (the console shows
+                                our progress display and summary lines instead, unless verbose)
 
 Train V2 pattern: the Tune function only drives a TorchTrainer, so it reserves no CPU (the
 workers hold the CPUs/GPUs); reserving one would deadlock a small machine.
@@ -22,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from ecgsearch.distributed.cluster import (ClusterSettings, ensure_ray, max_concurrent_trials, plan_trial_resources,
-                                           require_state_api)
+                                           require_state_api, route_ray_output)
 from ecgsearch.distributed.mlflow_log import Tracker, preflight, tracking_uri_for
 from ecgsearch.distributed.space import (apply_params, check_space_against_model, parse_space, space_for_model,
                                          space_summary)
+from ecgsearch.progress import Progress
 
 log = logging.getLogger("ecgsearch.tune")
 
@@ -42,12 +45,6 @@ class StudyInterrupted(KeyboardInterrupt):
 
 class StudyFailed(RuntimeError):
     """Every trial failed: the message carries each distinct root cause."""
-
-
-def _root_cause(err: BaseException) -> str:
-    # Ray wraps a trial's exception in several tracebacks; its last line is what went wrong.
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(err).__name__
 
 
 @dataclass
@@ -75,6 +72,7 @@ class TuneSettings:
     register_model: bool = True
     state_save_period_s: float = 1.0      # Tune experiment-state snapshots: what --resume can recover
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    verbose: bool = False                 # Ray's own output (trial tables, worker logs) on the console too
 
     def validate(self) -> None:
         for name in ("trials", "workers_per_trial", "grace_period"):
@@ -183,6 +181,12 @@ def run_study(s: TuneSettings) -> StudyResult:
     exp_dir = out / "ray" / study
     resuming = _check_out(s, exp_dir, ident)
 
+    # The display is disabled with --verbose: Ray's lines would break a line redrawn in place.
+    with route_ray_output(out / "ray.log", s.verbose), Progress("tune", enabled=not s.verbose) as progress:
+        return _run(s, task, study, out, base, space, uri, ident, exp_dir, resuming, progress)
+
+
+def _run(s, task, study, out, base, space, uri, ident, exp_dir, resuming, progress) -> StudyResult:
     # Fail fast on tracking before any cluster starts or any trial trains.
     preflight(uri)
     (out / "study.json").write_text(json.dumps(ident, indent=2) + "\n")
@@ -208,8 +212,12 @@ def run_study(s: TuneSettings) -> StudyResult:
                                   "ecgsearch.cpus_per_worker": res.cpus_per_worker})
         tracker.log_dict(parent, space_summary(space), "search_space.json")
         resolver = TrialResolver(space.text, space.source, base)
-        results = _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, task.mode, uri,
-                       tracker.experiment, parent)
+        epochs = f"{base['epochs']} epoch" + "s" * (base["epochs"] != 1)
+        where = ("on the console and in " if s.verbose else "in ") + str(out / "ray.log")
+        progress.note(f"study {study}: {s.trials} trials x {epochs} of {s.model} on {s.task}, "
+                      f"{concurrent} at a time; Ray's output {where}")
+        results = _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, task, uri,
+                       tracker.experiment, parent, progress)
         outcome = _finish(s, out, study, task, results, resolver, tracker, parent)
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
@@ -223,13 +231,14 @@ def run_study(s: TuneSettings) -> StudyResult:
     return outcome
 
 
-def _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, mode, uri, experiment, parent):
+def _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, task, uri, experiment, parent,
+         progress):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from ecgsearch.distributed.study_log import StudyCallback
+    from ecgsearch.distributed.study_log import StudyCallback, StudyDisplay, listen
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(s.state_save_period_s))
     static = {"resolver": resolver, "data": str(Path(s.data).resolve()),
@@ -239,9 +248,15 @@ def _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, mod
     trainable = tune.with_resources(tune.with_parameters(_trial, static=static),
                                     {"cpu": 0, "memory": _TRIAL_MEMORY})
     epochs = resolver.base["epochs"]
+    verbosity = 1 if s.verbose else 0
     if resuming:
-        log.info("resuming study %s from %s", study, exp_dir)
+        progress.note(f"resuming study {study} from {exp_dir}")
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        # Tune restores the first session's RunConfig, verbosity included: this session's --verbose
+        # decides. (A private attribute: should it go, the study still runs, only as loud as before.)
+        internal = getattr(tuner, "_local_tuner", None)
+        if internal is not None:
+            internal.get_run_config().verbose = verbosity
     else:
         callback = StudyCallback(uri=uri, experiment=experiment, parent_id=parent, study=study,
                                  events=str(out / "events.jsonl"), resolver=resolver, epochs=epochs)
@@ -249,18 +264,24 @@ def _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, mod
             trainable,
             param_space=space.to_tune(),
             tune_config=tune.TuneConfig(
-                metric=METRIC, mode=mode, num_samples=s.trials, max_concurrent_trials=concurrent,
+                metric=METRIC, mode=task.mode, num_samples=s.trials, max_concurrent_trials=concurrent,
                 search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed)),
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(s.grace_period, epochs),
                                         reduction_factor=s.reduction_factor)),
             run_config=tune.RunConfig(name=study, storage_path=str(out / "ray"), callbacks=[callback],
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1))
-    return tuner.fit()
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      verbose=verbosity))
+    events = out / "events.jsonl"
+    display = StudyDisplay(progress, metric=task.selection_metric, mode=task.mode, epochs=epochs,
+                           earlier=_read_events(events))
+    progress.phase("trials", s.trials, done_before=min(len(display.finished), s.trials))
+    with listen(events, display):
+        return tuner.fit()
 
 
 def _finish(s, out, study, task, results, resolver, tracker, parent) -> StudyResult:
     from ecgsearch.distributed.raytrain import export_best
-    from ecgsearch.distributed.study_log import trial_run_name
+    from ecgsearch.distributed.study_log import root_cause, trial_run_name
 
     events = _read_events(out / "events.jsonl")
     n_track_err = sum(e["event"] == "tracking_error" for e in events)
@@ -278,9 +299,9 @@ def _finish(s, out, study, task, results, resolver, tracker, parent) -> StudyRes
         if isinstance(score, (int, float)) and math.isfinite(score) and ckpt and Path(ckpt).exists():
             ranked.append((sign * float(score), r))
     if not ranked:
-        errs = "; ".join(sorted({_root_cause(r.error) for r in results if r.error is not None}))
+        errs = "; ".join(sorted({root_cause(r.error) for r in results if r.error is not None}))
         raise StudyFailed(f"no trial of study {study} produced a finite {task.selection_metric} "
-                          f"and a checkpoint{': ' + errs if errs else ''}")
+                          f"and a checkpoint{': ' + errs if errs else ''} (Ray's log: {out / 'ray.log'})")
     _, best = max(ranked, key=lambda t: t[0])
     trial_id = best.metrics["trial_id"]
     ck = export_best(best.metrics["checkpoint_path"], out / "best.ckpt")

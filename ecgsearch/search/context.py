@@ -6,6 +6,7 @@ result is written to the state (and MLflow) the moment its trial finishes.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -159,15 +160,25 @@ class SearchContext:
         self.state = SearchState.open(self.out, fingerprint, settings.resume)
         self.tracker: Tracker = make_tracker(settings.tracking_uri, settings.experiment, self.out,
                                                settings.tracking)
-        if settings.executor == "ray":
-            self.executor = RayTuneExecutor(self.out / "tune", cpus_per_trial=settings.cpus_per_trial,
-                                            workers_per_trial=settings.workers_per_trial,
-                                            gpus_per_trial=settings.gpus_per_trial,
-                                            max_concurrent=settings.max_concurrent)
-        else:
-            self.executor = LocalExecutor()
+        # Ray's own output (trial tables, worker logs, raylet notices) goes to OUT/ray.log unless
+        # --verbose; the console keeps the progress display and the search's summary lines.
+        self._stack = contextlib.ExitStack()
+        try:
+            if settings.executor == "ray":
+                from ecgsearch.distributed.cluster import route_ray_output
+
+                self._stack.enter_context(route_ray_output(self.out / "ray.log", settings.verbose))
+                self.executor = RayTuneExecutor(self.out / "tune", cpus_per_trial=settings.cpus_per_trial,
+                                                workers_per_trial=settings.workers_per_trial,
+                                                gpus_per_trial=settings.gpus_per_trial,
+                                                max_concurrent=settings.max_concurrent)
+            else:
+                self.executor = LocalExecutor()
+        except BaseException:
+            self._stack.close()
+            raise
         self.ran: list[str] = []   # unit ids executed by this process (not taken from the state)
-        self.progress = Progress(f"{fingerprint['kind']}", enabled=settings.progress)
+        self.progress = Progress(f"{fingerprint['kind']}", enabled=settings.progress and not settings.verbose)
         self._preds: dict[str, dict[str, np.ndarray]] = {}
 
     # -- units ------------------------------------------------------------------------
@@ -262,3 +273,4 @@ class SearchContext:
     def close(self) -> None:
         self.progress.close()
         self.executor.close()
+        self._stack.close()
