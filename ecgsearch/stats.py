@@ -30,8 +30,6 @@ from ecgsearch.metrics import _nanmean, _per_class, _regression_stats
 
 Stat = Callable[[np.ndarray, np.ndarray], np.ndarray]   # (B, n, k) labels, (B, n, k) preds -> (B,)
 COMBINES = ("mean", "ensemble")
-# Elements materialised per chunk of replicates (the resampled (B, R, n, k) block).
-_CHUNK_ELEMENTS = 3_000_000
 
 
 def _macro_auroc(y: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -48,6 +46,64 @@ def _mae(y: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 def _r2(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return _regression_stats(y[..., 0], p[..., 0])[:, 1]
+
+
+# ----------------------------------------------------- weighted forms, for the bootstrap
+# A bootstrap replicate is the original records with multiplicities (the resample counts), and a
+# record drawn twice is a tie with itself. So every replicate's statistic can be computed from the
+# records sorted ONCE by score, with cumulative sums of the counts: O(B n) per class instead of a
+# sort of every replicate. Results equal the resample-and-sort computation exactly.
+
+def _sorted_groups(score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Descending order of one score column and, per sorted position, its tie group's first/last position."""
+    order = np.argsort(-score, kind="stable")
+    ss = score[order]
+    n = ss.size
+    brk = ss[:-1] != ss[1:]
+    start = np.ones(n, dtype=bool)
+    start[1:] = brk
+    end = np.ones(n, dtype=bool)
+    end[:-1] = brk
+    ar = np.arange(n)
+    g_start = np.maximum.accumulate(np.where(start, ar, 0))
+    g_end = np.minimum.accumulate(np.where(end, ar, n)[::-1])[::-1]
+    return order, g_start, g_end
+
+
+def _weighted_rank_stats(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC and average precision of one class for each row of counts w (B, n): two (B,) arrays."""
+    order, g_start, g_end = _sorted_groups(score)
+    ys = y[order]
+    cw = w[:, order]
+    pw, nw = cw * ys, cw * (1.0 - ys)
+    cpos, cneg = np.cumsum(pw, axis=1), np.cumsum(nw, axis=1)
+    wpos, wneg = cpos[:, -1], cneg[:, -1]
+    neg_to_end = cneg[:, g_end]
+    neg_before = cneg[:, g_start] - nw[:, g_start]
+    wins = (wneg[:, None] - neg_to_end) + 0.5 * (neg_to_end - neg_before)
+    tot_end = cpos[:, g_end] + cneg[:, g_end]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = np.where(tot_end > 0, cpos[:, g_end] / tot_end, 0.0)
+        auroc = np.where((wpos > 0) & (wneg > 0), (pw * wins).sum(axis=1) / (wpos * wneg), np.nan)
+        ap = np.where(wpos > 0, (pw * prec).sum(axis=1) / wpos, np.nan)
+    return auroc, ap
+
+
+def _weighted(metric: str, y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Statistic of labels y (n, k) and scores p (n, k) under each row of record counts w (B, n)."""
+    if metric in ("macro_auroc", "macro_auprc"):
+        j = 0 if metric == "macro_auroc" else 1
+        per = np.stack([_weighted_rank_stats(y[:, c], p[:, c], w)[j] for c in range(y.shape[1])], axis=1)
+        return _nanmean(per, 1)[0]
+    err = p[:, 0] - y[:, 0]
+    tot = w.sum(axis=1)
+    if metric == "mae":
+        return (w * np.abs(err)).sum(axis=1) / tot
+    ybar = (w * y[:, 0]).sum(axis=1) / tot
+    ss_res = (w * err ** 2).sum(axis=1)
+    ss_tot = (w * (y[:, 0][None, :] - ybar[:, None]) ** 2).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ss_tot > 0, 1.0 - ss_res / ss_tot, np.nan)
 
 
 STATS: dict[str, Stat] = {"macro_auroc": _macro_auroc, "macro_auprc": _macro_auprc, "mae": _mae, "r2": _r2}
@@ -129,7 +185,7 @@ def paired_interval(metric: str, y, pa, pb=None, *, combine: str = "ensemble", n
         raise ValueError(f"invalid combine={combine!r}: choose mean or ensemble")
     if n_boot < 1:
         raise ValueError(f"bootstrap n must be >= 1, got {n_boot}")
-    stat = stat_for(metric)
+    stat_for(metric)   # unknown metric -> error before any work
     y, pa = _as_arrays(y, pa)
     arms = [pa]
     if pb is not None:
@@ -138,6 +194,8 @@ def paired_interval(metric: str, y, pa, pb=None, *, combine: str = "ensemble", n
             raise ValueError(f"the two arms must have the same (seeds, n, k); got {pa.shape} and {pb.shape}")
         arms.append(pb)
     r, n = pa.shape[0], pa.shape[1]
+
+    stat = stat_for(metric)
 
     def value(yy: np.ndarray, sel: list[np.ndarray]) -> np.ndarray:
         out = _combine(stat, yy, sel[0], combine)
@@ -148,19 +206,47 @@ def paired_interval(metric: str, y, pa, pb=None, *, combine: str = "ensemble", n
     rng = np.random.default_rng(seed)
     rec = rng.integers(0, n, size=(n_boot, n))
     seeds = rng.integers(0, r, size=(n_boot, r)) if r > 1 else np.zeros((n_boot, 1), dtype=int)
-    fixed = np.broadcast_to(np.arange(r), (n_boot, r))
-    step = max(1, _CHUNK_ELEMENTS // max(1, r * pa[0].size))
-    out = {}
-    for name, sidx in (("two_level", seeds), ("records", fixed)):
-        vals = []
-        for s in range(0, n_boot, step):
-            ri, si = rec[s:s + step], sidx[s:s + step]
-            yy = y[ri]
-            sel = [a[si[:, :, None], ri[:, None, :]] for a in arms]   # (b, R, n, k)
-            vals.append(value(yy, sel))
-        out[name] = _quantiles(np.concatenate(vals), alpha)
+    counts = np.zeros((n_boot, n))
+    np.add.at(counts, (np.repeat(np.arange(n_boot), n), rec.ravel()), 1.0)
+    rec_vals, two_vals = _replicates(metric, y, arms, counts, seeds if r > 1 else None, combine)
+    out = {"records": _quantiles(rec_vals, alpha), "two_level": _quantiles(two_vals, alpha)}
     sd = float(np.std(per_seed, ddof=1)) if r > 1 else math.nan
     return Interval(point, out["two_level"], out["records"], per_seed, sd, r, n, int(n_boot), combine)
+
+
+def _replicates(metric: str, y: np.ndarray, arms: list[np.ndarray], counts: np.ndarray,
+                seeds: np.ndarray | None, combine: str) -> tuple[np.ndarray, np.ndarray]:
+    """(records-only, two-level) (B,) replicates of arm a (minus arm b).
+
+    Replicate b uses the record counts counts[b] and, for the two-level figure, the seed
+    indices seeds[b] for both arms (paired); seeds None (R = 1): both figures coincide.
+    """
+    b, r = counts.shape[0], arms[0].shape[0]
+    rec_total, two_total = np.zeros(b), np.zeros(b)
+    for sign, arm in zip((1.0, -1.0), arms):
+        if combine == "mean":
+            # Each seed's statistic under each replicate's counts, computed once for both figures.
+            per = np.stack([_weighted(metric, y, arm[i], counts) for i in range(r)], axis=1)   # (B, R)
+            rec = per.mean(axis=1)
+            two = rec if seeds is None else _nanmean(np.take_along_axis(per, seeds, axis=1), 1)[0]
+        else:
+            rec = _weighted(metric, y, arm.mean(axis=0), counts)
+            two = rec if seeds is None else np.empty(b)
+            if seeds is not None:
+                # An ensemble depends only on which seeds were drawn, not their order: one sort per
+                # multiset (10 of them for R = 3); the multiset of all R is the records-only ensemble.
+                keys = np.sort(seeds, axis=1)
+                uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+                inv = inv.reshape(-1)
+                for g, members in enumerate(uniq):
+                    rows = np.flatnonzero(inv == g)
+                    if np.array_equal(members, np.arange(r)):
+                        two[rows] = rec[rows]
+                    else:
+                        two[rows] = _weighted(metric, y, arm[members].mean(axis=0), counts[rows])
+        rec_total += sign * rec
+        two_total += sign * two
+    return rec_total, two_total
 
 
 # ------------------------------------------------------------------ decisions

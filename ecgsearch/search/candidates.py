@@ -303,9 +303,16 @@ def _done_callback(units: dict, on_done: OnDone):
     from ray import tune
 
     class DoneCallback(tune.Callback):
-        def __init__(self) -> None:
+        # No closure over the search: cloudpickle would serialise it with the class.
+        def __init__(self, units: dict, on_done: OnDone) -> None:
             self.finished: set[str] = set()
             self.errors: dict[str, str] = {}
+            self.units, self.on_done = units, on_done
+
+        def __getstate__(self) -> dict:
+            # Tune pickles callbacks into its experiment state; the search resumes from its own
+            # state.json, so the live hooks (which reach the search context) stay behind.
+            return {"finished": self.finished, "errors": self.errors, "units": {}, "on_done": None}
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             pack = trial.config["unit"]
@@ -315,10 +322,10 @@ def _done_callback(units: dict, on_done: OnDone):
                 return
             for uid, result in json.loads(raw).items():
                 self.finished.add(uid)
-                on_done(units[uid], result)
+                self.on_done(self.units[uid], result)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.errors[trial.config["unit"]] = str(getattr(trial, "error_msg", None)
                                                     or "trial raised an error (see the Tune logs)")
 
-    return DoneCallback()
+    return DoneCallback(units, on_done)

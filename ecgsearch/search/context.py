@@ -22,8 +22,8 @@ from ecgsearch.models import list_models
 from ecgsearch.progress import Progress
 from ecgsearch.search.candidates import LocalExecutor, RayTuneExecutor, _safe, load_predictions
 from ecgsearch.search.state import SearchState
-from ecgsearch.search.tracking import Tracker, make_tracker
 from ecgsearch.tasks import get_task
+from ecgsearch.tracking import NullTracker, Tracker, make_tracker
 
 log = logging.getLogger("ecgsearch.search")
 
@@ -158,7 +158,7 @@ class SearchContext:
         self.out = settings.out
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = SearchState.open(self.out, fingerprint, settings.resume)
-        self.tracker: Tracker = make_tracker(settings.tracking_uri, settings.experiment, self.out,
+        self.tracker: Tracker | NullTracker = make_tracker(settings.tracking_uri, settings.experiment, self.out,
                                                settings.tracking)
         # Ray's own output (trial tables, worker logs, raylet notices) goes to OUT/ray.log unless
         # --verbose; the console keeps the progress display and the search's summary lines.
@@ -273,4 +273,5 @@ class SearchContext:
     def close(self) -> None:
         self.progress.close()
         self.executor.close()
+        self.tracker.close()   # bounded: what a dead server missed goes to OUT/tracking_backlog.json
         self._stack.close()
