@@ -2,6 +2,15 @@
 
 One function serves the plain engine, every Ray Train worker and every Tune trial: it
 becomes DDP-aware when torch.distributed is initialised and never needs a second copy.
+
+Under DDP, ranks must take every decision in lockstep: the LR step, the best-model choice and
+early stopping all hang on the validation score, and a rank that stops (or steps its LR) alone
+leaves the others waiting in a collective, a hang Ray's health checks do not see. Scores computed
+per rank differ, because each rank's BatchNorm running statistics come from its own shard. So
+after each epoch's training rank 0's buffers are broadcast to every rank (weights already agree:
+DDP averages the gradients), rank 0 alone scores the validation fold, and its score, metrics,
+thresholds and timings are broadcast: every rank then holds the same weights, steps and stops
+on the same number, and reports the same metrics. With one process nothing is sent.
 """
 from __future__ import annotations
 
@@ -154,15 +163,21 @@ def train(cfg: TrainConfig, data, out_dir: str | Path | None = None, *, resume_f
                 count += len(x)
             t_train = time.perf_counter() - t0
             train_loss = _mean_across_ranks(total, count, device)
-            # Every rank scores the full validation fold with the same weights, so LR and stopping
-            # decisions agree across ranks without extra communication. Always fp32, whatever the
-            # training precision: bf16 rounding must not decide the best epoch or early stopping,
-            # and the scores then match what evaluate() reports for the saved checkpoint.
-            y_val, p_val = P.predict(model, prep, data, val_idx, batch_size=max(cfg.batch_size, 128),
-                                     device=device, precision="fp32")
-            metrics = task.compute_metrics(y_val, p_val)
-            thresholds = _thresholds(task, y_val, p_val)
-            score = float(metrics[task.selection_metric])
+            if world_size > 1:
+                _sync_buffers(model)
+
+            def validate() -> tuple:
+                # Always fp32, whatever the training precision: bf16 rounding must not decide the
+                # best epoch or early stopping, and the scores then match what evaluate() reports
+                # for the saved checkpoint.
+                y_val, p_val = P.predict(model, prep, data, val_idx, batch_size=max(cfg.batch_size, 128),
+                                         device=device, precision="fp32")
+                m = task.compute_metrics(y_val, p_val)
+                return (float(m[task.selection_metric]), m, _thresholds(task, y_val, p_val),
+                        {"train_seconds": t_train, "epoch_seconds": time.perf_counter() - t0})
+
+            # Rank 0 scores, every rank receives: one score per epoch, the same everywhere (module doc).
+            score, metrics, thresholds, seconds = _on_rank0(validate, world_size, device)
             sched.step(_plateau_value(task, score))
             is_best = best_state is None or task.better(score, best_score)
             if is_best:
@@ -173,8 +188,7 @@ def train(cfg: TrainConfig, data, out_dir: str | Path | None = None, *, resume_f
                 bad_epochs += 1
             should_stop = bad_epochs >= cfg.early_stop_patience
             flat = {"epoch": float(epoch), "train_loss": train_loss, "score": score,
-                    "lr": float(opt.param_groups[0]["lr"]), "train_seconds": t_train, "epoch_seconds": time.perf_counter() - t0,
-                    **flatten_metrics(metrics, "val/")}
+                    "lr": float(opt.param_groups[0]["lr"]), **seconds, **flatten_metrics(metrics, "val/")}
             history.append(flat)
             log.info("epoch %d: train_loss=%.4f val %s=%.4f%s", epoch, train_loss, task.selection_metric,
                      score, " *" if is_best else "")
@@ -214,6 +228,38 @@ def _thresholds(task, y_val, p_val) -> dict[str, float] | None:
     if task.kind != "multilabel":
         return None
     return {c: float(t) for c, t in zip(task.output_names, f1_max_thresholds(y_val, p_val))}
+
+
+def _sync_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers on every rank. DDP broadcasts them before each forward, but the last
+    forward of an epoch then updates each rank's BatchNorm statistics from its own shard."""
+    for buf in model.buffers():
+        torch.distributed.broadcast(buf, src=0)
+
+
+def _on_rank0(fn: Callable[[], tuple], world_size: int, device) -> tuple:
+    """fn() run on rank 0 only, its result handed to every rank.
+
+    A failure on rank 0 is broadcast too, so the other ranks raise instead of waiting for a
+    result that never comes.
+    """
+    if world_size == 1:
+        return fn()
+    box: list = [None]
+    error = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            box[0] = (True, fn())
+        except Exception as exc:  # re-raised below, once the other ranks know
+            error, box[0] = exc, (False, f"{type(exc).__name__}: {exc}")
+    # NCCL sends objects through this rank's GPU; gloo through the CPU (device=None).
+    torch.distributed.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    if error is not None:
+        raise error
+    ok, value = box[0]
+    if not ok:
+        raise RuntimeError(f"validation failed on rank 0: {value}")
+    return value
 
 
 def _mean_across_ranks(total: float, count: int, device) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,10 @@ class _Tracked:
 
     def __enter__(self) -> str | None:
         info = self.ctx.state.info
-        self.run_id = self.ctx.tracker.parent(self.name, self.params, {"kind": self.params["search"]},
+        self.run_id = self.ctx.tracker.parent(self.name, self.params,
+                                              {"kind": "search", "search": self.name, "task": self.params["task"],
+                                               "model": self.params["model"],
+                                               **_lead_params(self.ctx.s.start_leads)},
                                               run_id=info.get("mlflow_parent"))
         if self.run_id and info.get("mlflow_parent") != self.run_id:
             self.ctx.state.set_info("mlflow_parent", self.run_id)
@@ -47,8 +51,8 @@ class _Tracked:
         status = "FINISHED" if exc_type is None else (
             "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
         for run in self.open.values():
-            self.ctx.tracker.end(run, status)
-        self.ctx.tracker.end(self.run_id, status)
+            self.ctx.tracker.end(run, status, error=exc)
+        self.ctx.tracker.end(self.run_id, status, error=exc)
         self.ctx.close()
 
 
@@ -153,6 +157,7 @@ def run_rle(s: SearchSettings, reconstruct: dict[str, Any] | None = None) -> dic
         ans = answer(noninf, s.ni_metric, s.margin)
         steps_json = _steps_json(steps, step_extra, seeds)
         warnings = _warnings(ev, reference, list(sets.values()), steps_json, s)
+        warnings += _repeats_advice(noninf, ans, s.repeats)
         for e in by_n:
             tr.log_metrics(parent, {f"test_{s.metric}": e["test"][s.metric],
                                     f"test_{s.ni_metric}": e["intervals"][s.ni_metric]["value"]}, step=e["n_leads"])
@@ -244,6 +249,29 @@ def _warnings(ev: Evidence, reference: dict, sets: list[dict], steps: list[dict]
     return out
 
 
+def _repeats_advice(noninf: list[dict], ans: dict, repeats: int) -> list[str]:
+    """Say when training variance, not test sampling, dominates the answer's interval.
+
+    The delta's training SE with R seeds is sd_seed / sqrt(R); its test-sampling SE is read
+    off the records-only CI (half-width / 1.96). When the first is larger, more seeds would
+    narrow the interval more than a larger test fold would.
+    """
+    path = [e for e in noninf if e.get("path") and e["n_leads"] < max(x["n_leads"] for x in noninf)]
+    if repeats < 2 or not path:
+        return []
+    e = next((x for x in path if ans.get("leads") and x["leads"] == ans["leads"]), min(path, key=lambda x: x["n_leads"]))
+    sd, (lo, hi) = e.get("delta_seed_sd"), e.get("ci_records") or (None, None)
+    if sd is None or lo is None or not math.isfinite(sd) or not hi > lo:
+        return []
+    se_train, se_test = sd / math.sqrt(repeats), (hi - lo) / (2 * 1.96)
+    if se_train <= se_test:
+        return []
+    need = math.ceil((sd / se_test) ** 2)
+    return [f"training variance dominates the {e['n_leads']}-lead delta: between-seed SD {sd:.4f}, so its training "
+            f"SE with {repeats} seeds is {se_train:.4f} against a test-sampling SE of {se_test:.4f}; about "
+            f"--repeats {need} would bring it under test sampling"]
+
+
 def _num(v) -> str:
     return "n/a" if v is None else f"{v:+.4f}"
 
@@ -302,7 +330,7 @@ def run_subsets(s: SearchSettings, k: int, pool=None, rle_dir: str | Path | None
         for row in ranking:
             row.update(seed_scores=scores[row["leads_key"]]["seed_scores"], seed_sd=scores[row["leads_key"]]["seed_sd"])
             row["noninferiority"] = ev.versus(units[row["leads_key"]], ref_units)
-            tr.child(parent, f"subset-{row['leads_key']}", _lead_params(row["leads"]), _lead_tags(row["leads"], "candidate"),
+            tr.child(parent, f"subset-{row['leads_key']}", _lead_params(row["leads"]), _lead_tags(row["leads"], "subset"),
                      {"score": row["score"], s.metric: row["score"], "score_seed_sd": row["seed_sd"],
                       "rank": row["rank"], f"delta_{s.ni_metric}": row["noninferiority"]["delta"],
                       "delta_ci_lo": row["noninferiority"]["ci"][0], "delta_ci_hi": row["noninferiority"]["ci"][1],
