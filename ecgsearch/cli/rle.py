@@ -29,7 +29,7 @@ def _search_options(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--epochs", type=int, default=30,
                    help="epoch budget of every training in the search (default 30; a study's own budget is "
                         "ignored); each training stops earlier after --patience epochs without improvement")
-    p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs (default 6)")
+    p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
     p.add_argument("--repeats", type=int, default=3,
                    help="seeds per training unit (default 3): scores are means over seeds and every interval "
                         "includes training variance; 1 measures none")

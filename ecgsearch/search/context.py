@@ -53,7 +53,7 @@ class SearchSettings:
     min_leads: int = 3
     repeats: int = 3                                       # seeds per training unit
     epochs: int = 30                                       # the search's epoch budget per training
-    patience: int = 6                                      # early-stopping patience within it
+    patience: int = 8                                      # early-stopping patience within it
     margin: float | None = None                            # None: DEFAULT_MARGIN for the task
     eval_model: str | None = None                          # None: shared for ML-ResNet, else per-step
     shared_lead_dropout: float = 0.5                       # subset lead dropout of the shared model
