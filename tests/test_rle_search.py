@@ -23,7 +23,7 @@ import torch
 from ecgsearch.data.cache import load_cache
 from ecgsearch.engine import TrainConfig, load_checkpoint, train
 from ecgsearch.engine import prep as P
-from ecgsearch.leads import LEADS, lead_indices
+from ecgsearch.leads import lead_indices
 from ecgsearch.search.candidates import load_predictions, run_unit
 from ecgsearch.search.context import SearchSettings
 from ecgsearch.search.pipeline import run_rle
