@@ -68,6 +68,9 @@ class Progress:
         self._work_t0: float | None = None  # first phase start: set-up before it is not a unit's cost
         self._t_last: float | None = None   # when the last unit finished
         self._timed = 0                     # units finished while we watched (not `done_before`)
+        self._rates: dict[str, tuple[float, int]] = {}   # kind -> (seconds, units) while watched
+        self._kind: str | None = None
+        self._mark = self._t0
         self._label: str | None = None
         self._n = self._done = self._planned = 0
         self._step: int | None = None
@@ -80,7 +83,7 @@ class Progress:
 
     # -- the interface --------------------------------------------------------------
     def phase(self, label: str, n_units: int, *, step: int | None = None, n_steps: int | None = None,
-              done_before: int = 0) -> None:
+              done_before: int = 0, kind: str | None = None) -> None:
         """Start a phase of `n_units` units, `done_before` of them already finished (a resumed
         step or study): they count as done but not in the time per unit."""
         if n_units < 0 or not 0 <= done_before <= n_units:
@@ -89,6 +92,10 @@ class Progress:
             now = self._clock()
             if self._work_t0 is None:
                 self._work_t0 = now
+            # Units of one kind (trainings, predictions) take alike; the estimate uses that kind's
+            # rate, so seconds-long predictions are not priced like minutes-long trainings.
+            self._kind = kind or label
+            self._mark = now
             # The plan counted this phase's units among those still to come: they are here now.
             self._planned = max(0, self._planned - n_units)
             self._label, self._n, self._done = label, n_units, done_before
@@ -108,6 +115,9 @@ class Progress:
             self._done += n
             self._timed += n
             self._t_last = self._clock()
+            spent, count = self._rates.get(self._kind, (0.0, 0))
+            self._rates[self._kind] = (spent + self._t_last - self._mark, count + n)
+            self._mark = self._t_last
             self._show(always_line=self._line_due())
 
     def _line_due(self) -> bool:
@@ -166,7 +176,8 @@ class Progress:
         with self._lock:
             if not self._timed or self._work_t0 is None or self._t_last is None:
                 return None
-            per_unit = (self._t_last - self._work_t0) / self._timed
+            spent, count = self._rates.get(self._kind, (0.0, 0))
+            per_unit = spent / count if count else (self._t_last - self._work_t0) / self._timed
             return per_unit * (self._n - self._done + self._planned)
 
     def text(self) -> str:

@@ -201,3 +201,20 @@ def _console_handler(h) -> bool:
     import logging
 
     return isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+
+
+def test_the_estimate_prices_each_kind_of_unit_at_its_own_rate():
+    """Minutes-long trainings then seconds-long predictions: the prediction phase's estimate
+    uses the prediction rate, not the trainings'."""
+    t = [0.0]
+    p = Progress("rle", stream=io.StringIO(), clock=lambda: t[0])
+    p.phase("trainings", 2, kind="train")
+    t[0] += 100.0
+    p.done()
+    t[0] += 100.0
+    p.done()
+    p.phase("candidates", 10, kind="predict")
+    p.plan(20)
+    t[0] += 2.0
+    p.done()
+    assert p.eta() == pytest.approx(2.0 * (9 + 20))

@@ -237,7 +237,8 @@ class SearchContext:
                n_steps: int | None = None, remaining: int | None = None) -> list[dict]:
         """Results of `units` (in order), running only those not yet in the state.
 
-        step/n_steps/remaining feed the progress display (remaining: units expected after these).
+        step/n_steps/remaining feed the progress display (remaining: units of the same kind
+        expected after these, for the time-left estimate).
         """
         seen: dict[str, dict] = {}
         for u in units:
@@ -245,7 +246,9 @@ class SearchContext:
         todo = [u for u in seen.values() if not self.state.done(u["id"])]
         if todo:
             log.debug("%s: %d unit(s) to run, %d already done", label, len(todo), len(seen) - len(todo))
-            self.progress.phase(label, len(todo), step=step, n_steps=n_steps)
+            kinds = {u["kind"] for u in todo}
+            self.progress.phase(label, len(todo), step=step, n_steps=n_steps,
+                                kind=kinds.pop() if len(kinds) == 1 else "mixed")
             if remaining is not None:
                 self.progress.plan(remaining)
 

@@ -88,7 +88,7 @@ def run_rle(s: SearchSettings, reconstruct: dict[str, Any] | None = None) -> dic
         if s.shared:
             ctx.ensure([ctx.train_unit(s.start_leads, seed) for seed in seeds],
                        "shared-model trainings",
-                       remaining=_rle_units(s, 0))
+                       remaining=0)
 
         def score_step(index: int, current: tuple[str, ...], subsets: list) -> dict[str, float]:
             n = len(current)
@@ -96,12 +96,13 @@ def run_rle(s: SearchSettings, reconstruct: dict[str, Any] | None = None) -> dic
                                               _lead_tags(current, "step"), finish=False)
             if s.mode == "eval" and not s.shared:
                 ctx.ensure([ctx.train_unit(current, seed) for seed in seeds], "step-model trainings",
-                           step=index, n_steps=n_steps, remaining=_rle_units(s, index))
+                           step=index, n_steps=n_steps, remaining=_rle_units(s, index, "train"))
             model_leads = s.start_leads if s.shared else current
             units = {lead: ([ctx.predict_unit(model_leads, seed, kept) for seed in seeds] if s.mode == "eval"
                             else [ctx.train_unit(kept, seed) for seed in seeds]) for lead, kept in subsets}
             ctx.ensure([u for us in units.values() for u in us], f"candidate units ({n} x {len(seeds)} seeds)",
-                       step=index, n_steps=n_steps, remaining=_rle_units(s, index))
+                       step=index, n_steps=n_steps,
+                       remaining=_rle_units(s, index, "predict" if s.mode == "eval" else "train"))
             cand_units[index] = units
             info = {lead: ev.scores(us) for lead, us in units.items()}
             step_extra[index] = {"candidates": info}
@@ -206,12 +207,13 @@ def run_rle(s: SearchSettings, reconstruct: dict[str, Any] | None = None) -> dic
     return result
 
 
-def _rle_units(s: SearchSettings, after_step: int) -> int:
-    """Units still to come after `after_step` steps (for the progress display's estimate)."""
+def _rle_units(s: SearchSettings, after_step: int, kind: str) -> int:
+    """Units of `kind` still to come after step `after_step` (for the time-left estimate)."""
     n, r = len(s.start_leads), s.repeats
-    left = [n - k for k in range(after_step + 1, n - s.min_leads + 1)]   # candidates of each later step
-    per_step = sum(left) + (len(left) if s.mode == "eval" and not s.shared else 0)
-    return r * (per_step + 1)
+    later = [n - k for k in range(after_step + 1, n - s.min_leads + 1)]   # candidates of each later step
+    if kind == "train":
+        return r * (sum(later) if s.mode == "retrain" else (0 if s.shared else len(later)))
+    return r * sum(later) if s.mode == "eval" else 0
 
 
 def _steps_json(steps: list[Step], extra: dict, seeds: list[int]) -> list[dict]:
