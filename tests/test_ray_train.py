@@ -34,7 +34,10 @@ def test_killed_one_worker_trainer_resumes_and_reproduces_the_plain_engine(ray_s
     assert run.best_epoch == plain.best_epoch and run.best_score == pytest.approx(plain.best_score, rel=1e-6)
     # The latest checkpoint carries the best weights: exported, they score what training logged.
     best = export_best(run.checkpoint_dir, tmp_path / "best.ckpt")
-    assert load_checkpoint(tmp_path / "best.ckpt").epoch == plain.best_epoch == best.epoch
+    exported = load_checkpoint(tmp_path / "best.ckpt")
+    assert exported.epoch == plain.best_epoch == best.epoch
+    # the best epoch's F1-max thresholds, as in the plain engine's best checkpoint (not the last epoch's)
+    assert exported.thresholds == pytest.approx(plain.state.thresholds, nan_ok=True)
     val = evaluate(tmp_path / "best.ckpt", synth_cache, "val", bootstrap=0)
     assert val["macro_auprc"] == pytest.approx(plain.best_score, rel=1e-5)
 
@@ -59,3 +62,10 @@ def test_settings_errors_are_named(tmp_path, synth_cache):
     from ecgsearch.distributed.raytrain import loop_config
     with pytest.raises(FileNotFoundError, match="data cache .*nope does not exist"):
         loop_config(CFG, tmp_path / "nope", RayTrainSettings())
+    # per-unit fault injection of a lead search: the variable and the unit are named
+    from ecgsearch.distributed.raytrain import FAULTS_ENV, unit_faults
+    assert unit_faults({}) == {}
+    with pytest.raises(ValueError, match=f"{FAULTS_ENV}: unit train:I@0: unknown key.* kill_epoch"):
+        unit_faults({FAULTS_ENV: '{"train:I@0": {"kill_epoch": 1}}'})
+    with pytest.raises(ValueError, match=f"{FAULTS_ENV}: not JSON"):
+        unit_faults({FAULTS_ENV: "kill"})

@@ -28,7 +28,8 @@ def searched(ray_session, make_synth_cache, tmp_path_factory):  # noqa: F811
                   tracking_uri=uri, experiment="rle-test", repeats=1, epochs=2)
     rle = run_rle(SearchSettings(**common, out=tmp / "rle", mode="retrain", start_leads=START, min_leads=2,
                                  baselines=False))
-    sub = run_subsets(SearchSettings(**common, out=tmp / "sub", mode="eval", workers_per_trial=2), 2,
+    sub = run_subsets(SearchSettings(**common, out=tmp / "sub", mode="eval", eval_model="per-step",
+                                     workers_per_trial=2), 2,
                       pool=START, rle_dir=tmp / "rle")
     return {"tmp": tmp, "uri": uri, "rle": rle, "sub": sub}
 

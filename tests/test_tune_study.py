@@ -98,34 +98,41 @@ def test_resume_does_not_rerun_finished_trials(study):
 
 
 def test_mlflow_holds_parent_and_child_runs_with_params_metrics_and_registry(study):
-    from ecgsearch.distributed.mlflow_log import Tracker
+    from mlflow import MlflowClient
 
     best = json.loads((study["out"] / "best.json").read_text())
-    t = Tracker(best["mlflow"]["tracking_uri"], "ecgsearch-rhythm")
-    parent = t.client.get_run(best["mlflow"]["parent_run_id"])
+    c = MlflowClient(best["mlflow"]["tracking_uri"])
+    exp = c.get_experiment_by_name("ecgsearch-rhythm")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = c.get_run(best["mlflow"]["parent_run_id"])
     assert parent.info.run_name == f"resnet1d_tiny-rhythm-{study['out'].name}"
     assert parent.info.status == "FINISHED" and parent.data.params["trials"] == str(TRIALS)
     assert parent.data.params["search_space"] == "tiny-test@v1"
     assert parent.data.metrics["best_score"] == pytest.approx(best["score"])
-    children = t.children(parent.info.run_id)
-    assert len(children) == TRIALS and {c.info.status for c in children} == {"FINISHED"}
+    assert (parent.data.tags["kind"], parent.data.tags["task"], parent.data.tags["n_leads"]) == ("study", "rhythm", "12")
+    # The resumed driver reopened the parent the first one saved, instead of looking one up by name.
+    assert json.loads((study["out"] / "study.json").read_text())["mlflow_parent"] == parent.info.run_id
+    children = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == TRIALS and {ch.info.status for ch in children} == {"FINISHED"}
     for child in children:
         p = child.data.params
         assert {"lr", "model_kwargs.dropout", "model_kwargs.filters"} <= set(p)
         assert p["cfg.model"] == "resnet1d_tiny" and p["cfg.task"] == "rhythm" and p["cfg.precision"] == "fp32"
         assert child.data.tags["system.device"] == "cpu" and child.data.tags["system.world_size"] == "1"
-        hist = t.client.get_metric_history(child.info.run_id, "score")
+        assert (child.data.tags["kind"], child.data.tags["study"]) == ("trial", parent.info.run_name)
+        hist = c.get_metric_history(child.info.run_id, "score")
         assert [m.step for m in hist] == list(range(1, len(hist) + 1)) and 1 <= len(hist) <= EPOCHS
         art = Path(child.info.artifact_uri.removeprefix("file://"))
         assert (art / "checkpoint" / "model.ckpt").is_file() and (art / "config.json").is_file()
-    best_child = next(c for c in children if c.data.tags["ecgsearch.trial_id"] == best["trial_id"])
+    best_child = next(ch for ch in children if ch.data.tags["trial_id"] == best["trial_id"])
     assert best_child.info.run_id == best["mlflow"]["run_id"]
-    assert float(best_child.data.tags["ecgsearch.best_score"]) == pytest.approx(best["score"])
-    mv = t.client.get_model_version(best["mlflow"]["registered_model"], best["mlflow"]["version"])
+    assert float(best_child.data.tags["best_score"]) == pytest.approx(best["score"])
+    mv = c.get_model_version(best["mlflow"]["registered_model"], best["mlflow"]["version"])
     assert mv.run_id == parent.info.run_id and mv.tags["study"] == parent.info.run_name
     # The interrupted session's runs were resumed and finished, never left RUNNING.
-    running = t.client.search_runs([t.experiment_id], filter_string="attributes.status = 'RUNNING'")
+    running = c.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'")
     assert running == []
+    assert not (study["out"] / "tracking_backlog.json").exists()
 
 
 def test_best_checkpoint_reproduces_its_logged_validation_metric(study):

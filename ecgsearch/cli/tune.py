@@ -69,7 +69,7 @@ def _runtime_env(path: str | None) -> dict:
 def cmd_tune(args: argparse.Namespace) -> int:
     from ecgsearch.cli import CLIError
     from ecgsearch.distributed.cluster import ClusterError, ClusterSettings
-    from ecgsearch.distributed.mlflow_log import TrackingError
+    from ecgsearch.tracking import TrackingError
     from ecgsearch.distributed.tune import StudyFailed, StudyInterrupted, TuneSettings, run_study
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -96,7 +96,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"best trial {b['trial_id']}: {b['metric']}={b['score']:.4f} at epoch {b['epoch']} "
           f"({result.n_trials} trials, {result.n_errors} failed)")
     if result.tracking_errors:
-        print(f"warning: {result.tracking_errors} MLflow logging error(s); see {settings.out}/events.jsonl",
-              file=sys.stderr)
+        where = result.backlog or Path(settings.out) / "events.jsonl"
+        print(f"warning: {result.tracking_errors} MLflow call(s) not logged; see {where}"
+              + (" (`--resume` replays them)" if result.backlog else ""), file=sys.stderr)
     print(f"wrote {result.best_json} and {result.best_ckpt}")
     return 0

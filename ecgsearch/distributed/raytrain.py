@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -48,6 +49,31 @@ class RayTrainSettings:
             raise ValueError(f"invalid setting storage_path={self.storage_path!r}: must be absolute")
         if self.kill_after_epoch is not None and not self.kill_marker:
             raise ValueError("kill_after_epoch needs kill_marker (the file that makes the kill happen once)")
+
+
+# Per-unit RayTrainSettings a lead search's unit may carry: the restart budget and the fault
+# injection above (chaos drills, tests), set through FAULTS_ENV for named unit ids only.
+FAULT_KEYS = ("max_failures", "kill_after_epoch", "kill_marker", "kill_rank")
+FAULTS_ENV = "ECGSEARCH_TRAIN_FAULTS"
+
+
+def unit_faults(env: dict | None = None) -> dict[str, dict]:
+    """{unit id: {FAULT_KEYS...}} from $ECGSEARCH_TRAIN_FAULTS (JSON), read by the driver."""
+    raw = (os.environ if env is None else env).get(FAULTS_ENV)
+    if not raw:
+        return {}
+    try:
+        faults = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{FAULTS_ENV}: not JSON ({exc})") from None
+    if not isinstance(faults, dict) or not all(isinstance(v, dict) for v in faults.values()):
+        raise ValueError(f'{FAULTS_ENV}: expected {{"<unit id>": {{"kill_after_epoch": 1, ...}}}}, got {raw!r}')
+    for uid, f in faults.items():
+        unknown = sorted(set(f) - set(FAULT_KEYS))
+        if unknown:
+            raise ValueError(f"{FAULTS_ENV}: unit {uid}: unknown key(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(FAULT_KEYS)}")
+    return faults
 
 
 def loop_config(cfg, data: str | Path, settings: RayTrainSettings) -> dict[str, Any]:
@@ -175,7 +201,14 @@ class TrainOutcome:
 
 
 def fit(cfg, data: str | Path, settings: RayTrainSettings, callbacks=()) -> TrainOutcome:
-    """Train on Ray Train from a driver (Ray must be initialised); raises when training failed."""
+    """Train one config on Ray Train; raises when training failed (after `max_failures` restarts).
+
+    The one trial-running body: a study trial (`tune._trial`, with a TuneReportCallback) and a
+    search unit (`candidates._train`) both call this from inside their Tune trial; tests and
+    scripts call it from a driver. Ray must be initialised. A `storage_path`/`name` that already
+    holds a run resumes it from its latest checkpoint (Train V2 reloads the run's checkpoint
+    snapshot), so calling this again after an interruption continues rather than restarts.
+    """
     result = make_trainer(cfg, data, settings, callbacks).fit()
     if result.error is not None:
         raise result.error
@@ -183,6 +216,16 @@ def fit(cfg, data: str | Path, settings: RayTrainSettings, callbacks=()) -> Trai
     ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
     return TrainOutcome(m, ckpt, float(m.get("best_score", math.nan)), int(m.get("best_epoch", 0)),
                         int(m.get("start_epoch", 1)), str(result.path))
+
+
+def has_run(storage_path: str | Path, name: str) -> bool:
+    """Whether `storage_path/name` holds a Ray Train run that `fit` would resume (a checkpoint was
+    committed: Train V2 writes this snapshot with every checkpoint it registers)."""
+    try:  # a private constant: should a Ray upgrade move it, fall back to 2.60's file name
+        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as snapshot
+    except ImportError:
+        snapshot = "checkpoint_manager_snapshot.json"
+    return (Path(storage_path) / name / snapshot).is_file()
 
 
 def export_best(checkpoint_dir: str | Path, dest: str | Path):
@@ -198,6 +241,8 @@ def export_best(checkpoint_dir: str | Path, dest: str | Path):
     if "best_model_state" not in ck.extra:
         raise ValueError(f"checkpoint {src} holds no best-model state; is it an epoch checkpoint?")
     best = dataclasses.replace(ck, epoch=int(ck.extra["best_epoch"]), score=float(ck.extra["best_score"]),
-                               val_metrics=ck.extra.get("best_metrics", {}), extra={})
+                               val_metrics=ck.extra.get("best_metrics", {}), extra={},
+                               # the best epoch's thresholds, as the plain engine's model.ckpt holds
+                               thresholds=ck.extra.get("best_thresholds", ck.thresholds))
     save_checkpoint(dest, best, model_state=ck.extra["best_model_state"])
     return best

@@ -1,13 +1,16 @@
 """The Tune callback that records a study in MLflow and in `OUT/events.jsonl`, and the console
 summary (`StudyDisplay`) that listens to those events.
 
-It runs in the driver, so the tracking store has one writer however many trials run at once
-(a sqlite store would otherwise see several processes writing). What it logs is rank 0's
-report: `TuneReportCallback` forwards exactly that worker's metrics to Tune.
+It runs in the driver, on Tune's event loop, so it never calls MLflow itself: it queues calls
+on the study's `ecgsearch.tracking.Tracker`, whose writer thread sends them (a dead tracking
+server costs the study nothing but a backlog). The driver is the one writer however many
+trials run at once. What it logs is rank 0's report: `TuneReportCallback` forwards exactly
+that worker's metrics to Tune.
 
 Tune pickles its callbacks into the experiment folder and hands the pickled copy back on
-`Tuner.restore`, so this object keeps only plain settings; the MLflow client and the
-trial -> run map are rebuilt on demand, and runs are found again by their deterministic names.
+`Tuner.restore`, so this object keeps only plain settings; it finds the study's tracker with
+`tracking.live(out)`, and the trial -> run map is rebuilt on demand (a resumed study's tracker
+finds the runs again by their deterministic names under the reopened parent).
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from ecgsearch.distributed.mlflow_log import Tracker, run_name
+from ecgsearch import tracking
+from ecgsearch.leads import leads_key
+from ecgsearch.tracking import root_cause, run_name
 
 log = logging.getLogger("ecgsearch.tune")
 
@@ -37,12 +42,6 @@ SYSTEM_KEYS = ("device", "precision", "world_size")
 
 def trial_run_name(study: str, trial_id: str) -> str:
     return run_name(study, f"trial-{trial_id}")
-
-
-def root_cause(err: BaseException | str) -> str:
-    """Ray wraps a trial's exception in several tracebacks; the last line is what went wrong."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[-1] if lines else (type(err).__name__ if isinstance(err, BaseException) else "unknown error")
 
 
 # Live listeners of a study's events in this driver, by events file. Not kept on the callback:
@@ -82,43 +81,42 @@ class StudyCallback(Callback):
         self.events = events
         self.resolver = resolver    # sampled trial config -> decoded params / resolved TrainConfig
         self.epochs = epochs
-        self._tracker: Tracker | None = None
-        self._runs: dict[str, str] = {}
+        self._runs: dict[str, tracking.Run] = {}
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_tracker"], state["_runs"] = None, {}
-        return state
+        return {**self.__dict__, "_runs": {}}
 
     @property
-    def tracker(self) -> Tracker:
-        if self._tracker is None:
-            self._tracker = Tracker(self.uri, self.experiment)
-        return self._tracker
+    def tracker(self) -> tracking.Tracker:
+        found = tracking.live(Path(self.events).parent)
+        if found is None:   # not inside run_study (a tool replaying the callback): a tracker of its own
+            found = tracking.Tracker(self.uri, self.experiment, Path(self.events).parent)
+        return found
 
-    def _run_id(self, trial) -> str:
+    def _run(self, trial) -> tracking.Run:
         if trial.trial_id not in self._runs:
             params = self.resolver.params(trial.config)
-            run_id = self.tracker.start_child(
+            cfg = self.resolver.config(trial.config)
+            self._runs[trial.trial_id] = run = self.tracker.child(
                 self.parent_id, trial_run_name(self.study, trial.trial_id),
                 params={k: (v if not isinstance(v, (list, tuple)) else list(v)) for k, v in params.items()},
-                tags={"ecgsearch.kind": "trial", "ecgsearch.study": self.study, "ecgsearch.trial_id": trial.trial_id})
-            self.tracker.log_config(run_id, self.resolver.config(trial.config).to_dict())
-            self._runs[trial.trial_id] = run_id
+                tags={"kind": "trial", "trial_id": trial.trial_id, "leads": leads_key(cfg.leads),
+                      "n_leads": len(cfg.leads)}, finish=False)
+            self.tracker.log_config(run, cfg.to_dict())
         return self._runs[trial.trial_id]
 
     # -- Tune hooks ----------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         append_event(Path(self.events), "start", trial=trial.trial_id)
-        self._guard(lambda: self._run_id(trial))
+        self._guard(lambda: self._run(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         def log_result() -> None:
-            run_id = self._run_id(trial)
+            run = self._run(trial)
             if all(k in result for k in SYSTEM_KEYS):
-                self.tracker.set_tags(run_id, {f"system.{k}": result[k] for k in SYSTEM_KEYS})
+                self.tracker.tags(run, {f"system.{k}": result[k] for k in SYSTEM_KEYS})
             metrics = {k: v for k, v in result.items() if k not in _TUNE_KEYS and k not in SYSTEM_KEYS}
-            self.tracker.log_epoch_metrics(run_id, metrics, int(result.get("epoch", 0)))
+            self.tracker.log_metrics(run, metrics, int(result.get("epoch", 0)))
         self._guard(log_result)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -128,25 +126,26 @@ class StudyCallback(Callback):
         self._guard(lambda: self._finish(trial, last))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        append_event(Path(self.events), "error", trial=trial.trial_id, error=str(trial.error_file or ""))
-        self._guard(lambda: self.tracker.end_run(self._run_id(trial), "FAILED"))
+        error_file = str(trial.error_file or "")
+        append_event(Path(self.events), "error", trial=trial.trial_id, error=error_file)
+        self._guard(lambda: self.tracker.end(self._run(trial), "FAILED", error=_trial_error(trial)))
 
     def _finish(self, trial, last: dict) -> None:
         from ecgsearch.distributed.raytrain import export_best
 
-        run_id = self._run_id(trial)
+        run = self._run(trial)
         epoch = int(last.get("epoch", 0) or 0)
-        tags = {"ecgsearch.best_score": last.get("best_score"), "ecgsearch.best_epoch": last.get("best_epoch"),
-                "ecgsearch.last_epoch": epoch}
+        tags = {"best_score": last.get("best_score"), "best_epoch": last.get("best_epoch"), "last_epoch": epoch}
         if self._stopped_by(last) == "asha":
-            tags["ecgsearch.stopped_by"] = "asha"
-        self.tracker.set_tags(run_id, {k: v for k, v in tags.items() if v is not None})
+            tags["stopped_by"] = "asha"
+        self.tracker.tags(run, {k: v for k, v in tags.items() if v is not None})
         ckpt = last.get("checkpoint_path")
         if ckpt and Path(ckpt).exists():
             with tempfile.TemporaryDirectory() as tmp:
                 export_best(ckpt, Path(tmp) / "model.ckpt")
-                self.tracker.log_artifact(run_id, Path(tmp) / "model.ckpt", "checkpoint")
-        self.tracker.end_run(run_id, "FINISHED")
+                # Handed over: the writer may log it minutes later, after this folder is gone.
+                self.tracker.log_artifact(run, Path(tmp) / "model.ckpt", "checkpoint", move=True)
+        self.tracker.end(run, "FINISHED")
 
     def _stopped_by(self, last: dict) -> str | None:
         """'asha' (the scheduler ended it), 'early_stopping' (its own patience ran out) or None."""
@@ -156,13 +155,25 @@ class StudyCallback(Callback):
         return "early_stopping" if last.get("should_stop") else "asha"
 
     def _guard(self, fn) -> None:
-        # A tracking hiccup must not kill a study that has been training for hours: it is logged
-        # and written to events.jsonl, and the study summary counts it.
+        # The tracker only queues, so what can fail here is preparing a call (a config that does
+        # not resolve, a checkpoint that does not export). It must not kill a study hours in: it
+        # is logged and written to events.jsonl, and the study summary counts it.
         try:
             fn()
         except Exception as exc:
             log.error("MLflow logging failed: %s", exc)
             append_event(Path(self.events), "tracking_error", error=f"{type(exc).__name__}: {exc}")
+
+
+def _trial_error(trial) -> str:
+    """The trial's whole traceback (Tune's error file), else Tune's message."""
+    path = getattr(trial, "error_file", None)
+    if path:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            pass
+    return str(getattr(trial, "error_msg", None) or "trial raised an error (see the Tune logs)")
 
 
 def _num(v: Any) -> float | None:

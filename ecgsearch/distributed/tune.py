@@ -6,6 +6,7 @@ Layout of OUT:
     ray/<study>/      Tune's experiment state (what `Tuner.restore` continues from)
     train/<study>/trial-<id>/   each trial's Ray Train run: epoch checkpoints, resumable
     mlflow.db, mlartifacts/     the default MLflow store (sqlite) and its artifacts
+    tracking_backlog.json       only when MLflow missed calls: what they were, in order (--resume replays)
     best.json, best.ckpt        the best trial's resolved TrainConfig + score, and its best weights
     ray.log                     Ray's, Tune's, Optuna's and MLflow's log records (the console shows
                                 our progress display and summary lines instead, unless verbose)
@@ -25,10 +26,11 @@ from typing import Any
 
 from ecgsearch.distributed.cluster import (ClusterSettings, ensure_ray, max_concurrent_trials, plan_trial_resources,
                                            require_state_api, route_ray_output)
-from ecgsearch.distributed.mlflow_log import Tracker, preflight, tracking_uri_for
 from ecgsearch.distributed.space import (apply_params, check_space_against_model, parse_space, space_for_model,
                                          space_summary)
+from ecgsearch.leads import leads_key
 from ecgsearch.progress import Progress
+from ecgsearch.tracking import Tracker, preflight, tracking_uri_for
 
 log = logging.getLogger("ecgsearch.tune")
 
@@ -117,14 +119,13 @@ def _trial(config: dict[str, Any], static: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ecgsearch.distributed.raytrain import RayTrainSettings, make_trainer
+    from ecgsearch.distributed.raytrain import RayTrainSettings, fit
 
     trial_id = tune.get_context().get_trial_id()
     cfg = static["resolver"].config(config)
     settings = RayTrainSettings(**static["train"], name=f"trial-{trial_id}")
-    result = make_trainer(cfg, static["data"], settings, callbacks=[TuneReportCallback()]).fit()
-    if result.error is not None:
-        raise result.error
+    # The same trial body as a lead search's training units (raytrain.fit); raises on failure.
+    fit(cfg, static["data"], settings, callbacks=[TuneReportCallback()])
 
 
 @dataclass
@@ -134,8 +135,9 @@ class StudyResult:
     best_ckpt: Path
     n_trials: int
     n_errors: int
-    tracking_errors: int
+    tracking_errors: int          # calls that failed to queue, were rejected, or are still unlogged
     parent_run_id: str
+    backlog: Path | None = None   # OUT/tracking_backlog.json when something is still unlogged
 
 
 def _identity(s: TuneSettings, study: str, space, base: dict, uri: str) -> dict[str, Any]:
@@ -189,46 +191,77 @@ def run_study(s: TuneSettings) -> StudyResult:
 def _run(s, task, study, out, base, space, uri, ident, exp_dir, resuming, progress) -> StudyResult:
     # Fail fast on tracking before any cluster starts or any trial trains.
     preflight(uri)
-    (out / "study.json").write_text(json.dumps(ident, indent=2) + "\n")
-
-    import ray
-
-    ensure_ray(s.cluster)
-    require_state_api()
-    res = plan_trial_resources(s.workers_per_trial, s.gpus_per_trial, ray.cluster_resources(), s.cpus_per_worker)
-    concurrent = max_concurrent_trials(res, ray.cluster_resources(), s.max_concurrent, s.trials)
-
-    tracker = Tracker(uri, s.experiment or f"ecgsearch-{s.task}")
-    parent = tracker.start_parent(study, tags={"ecgsearch.kind": "study", "ecgsearch.model": s.model,
-                                               "ecgsearch.task": s.task})
+    # Replays what an earlier session of this study could not log (OUT/tracking_backlog.json).
+    tracker = Tracker(uri, s.experiment or f"ecgsearch-{s.task}", out)
     try:
+        outcome = _tracked(s, task, study, out, base, space, ident, exp_dir, resuming, progress, tracker)
+    finally:
+        # Bounded: a dead server costs one probe here, and what it missed goes to the backlog.
+        report = tracker.close()
+    outcome.tracking_errors += report.problems
+    outcome.backlog = report.backlog
+    return outcome
+
+
+def _saved_parent(out: Path) -> str | None:
+    meta = out / "study.json"
+    saved = json.loads(meta.read_text()).get("mlflow_parent") if meta.exists() else None
+    if saved is None:
+        log.warning("study.json in %s names no MLflow parent run (an older study): this session logs "
+                    "under a new one", out)
+    return saved
+
+
+def _tracked(s, task, study, out, base, space, ident, exp_dir, resuming, progress, tracker) -> StudyResult:
+    # A new study always gets a new parent run, even on a shared server that holds an older study
+    # of the same name; only --resume of this out folder reopens the one study.json saved.
+    parent = tracker.parent(study, tags={"kind": "study", "study": study, "task": s.task, "model": s.model,
+                                         "leads": leads_key(base["leads"]), "n_leads": len(base["leads"])},
+                            run_id=_saved_parent(out) if resuming else None)
+    (out / "study.json").write_text(json.dumps({**ident, "mlflow_parent": parent}, indent=2) + "\n")
+    try:
+        import ray
+
+        ensure_ray(s.cluster)
+        require_state_api()
+        res = plan_trial_resources(s.workers_per_trial, s.gpus_per_trial, ray.cluster_resources(),
+                                   s.cpus_per_worker)
+        concurrent = max_concurrent_trials(res, ray.cluster_resources(), s.max_concurrent, s.trials)
         # Params are what defines the study (a resume must match them); resources are tags, since a
         # resumed study may run on another cluster.
         tracker.log_params(parent, {"model": s.model, "task": s.task, "trials": s.trials, "epochs": base["epochs"],
                                     "search_space": space.label, "seed": s.seed, "workers_per_trial": res.workers,
                                     "metric": task.selection_metric, "mode": task.mode})
-        tracker.set_tags(parent, {"ecgsearch.max_concurrent": concurrent,
-                                  "ecgsearch.gpus_per_worker": res.gpus_per_worker,
-                                  "ecgsearch.cpus_per_worker": res.cpus_per_worker})
+        tracker.tags(parent, {"max_concurrent": concurrent, "gpus_per_worker": res.gpus_per_worker,
+                              "cpus_per_worker": res.cpus_per_worker})
         tracker.log_dict(parent, space_summary(space), "search_space.json")
         resolver = TrialResolver(space.text, space.source, base)
         epochs = f"{base['epochs']} epoch" + "s" * (base["epochs"] != 1)
         where = ("on the console and in " if s.verbose else "in ") + str(out / "ray.log")
         progress.note(f"study {study}: {s.trials} trials x {epochs} of {s.model} on {s.task}, "
                       f"{concurrent} at a time; Ray's output {where}")
-        results = _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, task, uri,
+        results = _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, task, tracker.uri,
                        tracker.experiment, parent, progress)
         outcome = _finish(s, out, study, task, results, resolver, tracker, parent)
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
-        for closer in (lambda: tracker.close_stale_children(parent, status), lambda: tracker.end_run(parent, status)):
-            try:
-                closer()
-            except Exception as inner:  # keep the original error
-                log.error("could not close MLflow runs: %s", inner)
+        _settle_trials(tracker, parent, out, study, status)
+        tracker.end(parent, status, error=exc)
         raise
-    tracker.end_run(parent, "FINISHED")
+    _settle_trials(tracker, parent, out, study, "KILLED")
+    tracker.end(parent, "FINISHED")
     return outcome
+
+
+def _settle_trials(tracker, parent: str, out: Path, study: str, others: str) -> None:
+    """Trial runs end as our ledger says (complete: FINISHED, error: FAILED), whichever session ran
+    them: a driver killed before its writer caught up leaves runs RUNNING (or KILLED by the
+    resumed driver's cleanup) that Tune will not run again. Runs of other unfinished trials: `others`."""
+    from ecgsearch.distributed.study_log import trial_run_name
+
+    ended = {e["trial"]: e["event"] for e in _read_events(out / "events.jsonl") if e["event"] in ("complete", "error")}
+    tracker.settle_children(parent, {trial_run_name(study, t): "FINISHED" if ev == "complete" else "FAILED"
+                                     for t, ev in ended.items()}, others)
 
 
 def _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, task, uri, experiment, parent,
@@ -305,14 +338,16 @@ def _finish(s, out, study, task, results, resolver, tracker, parent) -> StudyRes
     _, best = max(ranked, key=lambda t: t[0])
     trial_id = best.metrics["trial_id"]
     ck = export_best(best.metrics["checkpoint_path"], out / "best.ckpt")
-    run = tracker.find_run(trial_run_name(study, trial_id), parent)
+    # Bounded waits that end at once when the store is down; a live store replaying a long
+    # backlog (or a loaded one) gets time to answer, since best.json records these ids.
+    run_id = tracker.run_id(trial_run_name(study, trial_id), parent, wait_s=120)
     info = {"config": ck.cfg.to_dict(), "score": float(ck.score), "metric": task.selection_metric,
             "mode": task.mode, "epoch": int(ck.epoch), "val_metrics": ck.val_metrics, "trial_id": trial_id,
             "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in resolver.params(best.config).items()},
             "sampled": {k: v for k, v in best.config.items() if k in resolver.space.params},  # labels for options
             "study": study, "checkpoint": "best.ckpt", "n_trials": len(results),
             "mlflow": {"tracking_uri": tracker.uri, "experiment": tracker.experiment, "parent_run_id": parent,
-                       "run_id": run.info.run_id if run else None}}
+                       "run_id": run_id}}
     tracker.log_artifact(parent, out / "best.ckpt", "best")
     previous = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else {}
     if previous.get("trial_id") == trial_id and previous.get("mlflow", {}).get("version"):
@@ -320,13 +355,17 @@ def _finish(s, out, study, task, results, resolver, tracker, parent) -> StudyRes
         info["mlflow"].update({k: previous["mlflow"][k] for k in ("registered_model", "version")})
     elif s.register_model:
         name = f"ecgsearch-{s.task}-{s.model}"
-        version = tracker.register_model(parent, "best", name,
-                                         tags={"score": info["score"], "study": study, "metric": info["metric"]})
+        version = tracker.register_model(parent, "best", name, tags={"score": info["score"], "study": study,
+                                                                     "metric": info["metric"], "trial_id": trial_id},
+                                         wait_s=120)
+        if version is None:   # still queued: a --resume (or the replayed backlog) registers it, once
+            log.warning("MLflow registry did not answer: %s not registered yet (queued; `--resume` in %s "
+                        "finishes it)", name, out)
         info["mlflow"].update(registered_model=name, version=version)
     (out / "best.json").write_text(json.dumps(info, indent=2, default=float) + "\n")
     tracker.log_artifact(parent, out / "best.json")
-    tracker.log_epoch_metrics(parent, {"best_score": info["score"], "best_epoch": info["epoch"]}, 0)
-    tracker.set_tags(parent, {"ecgsearch.best_trial": trial_id, "ecgsearch.tracking_errors": n_track_err})
+    tracker.log_metrics(parent, {"best_score": info["score"], "best_epoch": info["epoch"]}, 0)
+    tracker.tags(parent, {"best_trial": trial_id, "tracking_errors": n_track_err})
     return StudyResult(info, out / "best.json", out / "best.ckpt", len(results), results.num_errors,
                        n_track_err, parent)
 

@@ -5,6 +5,6 @@
 - `candidates`: work units (train / drop a lead / test) and their executors (Ray Tune, local).
 - `context`: settings and memoised execution; `state`: the resumable memo.
 - `pipeline`: `run_rle` and `run_subsets` end to end; `reconstruct`: U-ResNet rebuild.
-- `report`, `plots`, `tracking`: rle.json + markdown, figures, MLflow runs.
+- `report`, `plots`: rle.json + markdown, figures (MLflow runs: `ecgsearch.tracking`).
 See docs/LEAD_SEARCH.md.
 """

@@ -11,14 +11,17 @@ for both folds, fp32 inference): the search computes every score, margin and int
 those arrays in the driver, so statistics never depend on where or how a trial ran.
 
 `run_unit` does the work in the current process. `RayTuneExecutor` runs a batch of units
-as parallel Ray Tune trials (one trial per unit; a trial may itself launch a multi-worker
-TorchTrainer); `LocalExecutor` runs them one after another in-process, for fast tests.
+as parallel Ray Tune trials (one trial per unit; a training trial drives a TorchTrainer of
+one or more workers through `distributed.raytrain.fit`, the same body as a study's trials,
+so a lost worker resumes from its last epoch checkpoint); `LocalExecutor` runs them one
+after another in-process, calling the engine directly, for fast tests.
 Both call `on_done(unit, result)` in the driver as soon as each unit finishes, which is
 where the search saves its state: that is what makes resume exact.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -30,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+log = logging.getLogger("ecgsearch.search")
 OnDone = Callable[[dict, dict], None]
 SPLITS = ("val", "test")
 
@@ -96,14 +100,15 @@ def _train(unit: dict) -> dict:
 
     cfg = TrainConfig.from_dict(unit["config"])
     out_dir = Path(unit["out_dir"])
-    # A unit is either finished (recorded in the search state) or redone from scratch: a
-    # half-written folder from a killed run must not leak its best checkpoint into this one.
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
     workers = int(unit.get("workers", 1))
-    if workers > 1:
-        res = _train_multiworker(cfg, unit, out_dir, workers)
+    on_ray = bool(unit.get("ray_train")) or workers > 1
+    if on_ray:
+        res = _train_on_ray(cfg, unit, out_dir, workers)
     else:
+        # In-process (local executor): a unit is either finished (recorded in the search state)
+        # or redone from scratch: a half-written folder must not leak its best checkpoint.
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
         r = train(cfg, unit["data"], out_dir)
         res = {"val_score": float(r.best_score), "best_epoch": int(r.best_epoch), "epochs_run": len(r.history),
                "checkpoint": str(r.checkpoint_path), "val_history": [float(h["score"]) for h in r.history]}
@@ -113,18 +118,67 @@ def _train(unit: dict) -> dict:
     return {**res, **save_predictions(unit["preds"], res["checkpoint"], unit["data"])}
 
 
-def _train_multiworker(cfg, unit: dict, out_dir: Path, workers: int) -> dict:
-    """One candidate as a W-worker TorchTrainer (DDP), launched from inside its Tune trial."""
-    from ecgsearch.distributed.raytrain import RayTrainSettings, export_best, fit
+UNIT_FILE = "unit.json"   # what a unit folder's Ray Train run trains: resumed only when it matches
+RAY_RUN = "train"         # Ray Train run name inside <unit out_dir>/ray: one run per unit, always
+
+
+def _unit_identity(unit: dict, workers: int) -> dict:
+    # What decides the training's numbers; the fault-injection and placement keys do not.
+    return {"id": unit["id"], "config": unit["config"], "data": unit["data"], "workers": workers}
+
+
+def _reuse_or_reset(unit: dict, out_dir: Path, storage: Path, workers: int) -> bool:
+    """Keep a unit folder whose Ray Train run trains this very unit (resume it); else start clean.
+
+    True when an interrupted run is resumed. A folder from another config (or from the local
+    executor, or one that never committed a checkpoint) is deleted so nothing of it leaks in.
+    """
+    from ecgsearch.distributed.raytrain import has_run
+
+    identity = json.loads(json.dumps(_unit_identity(unit, workers)))   # as it reads back (tuples -> lists)
+    marker = out_dir / UNIT_FILE
+    try:
+        saved = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        saved = None
+    if saved == identity and has_run(storage, RAY_RUN):
+        log.info("unit %s: resuming its Ray Train run in %s", unit["id"], storage / RAY_RUN)
+        return True
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    tmp = marker.with_name(marker.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(identity, indent=1) + "\n")
+    os.replace(tmp, marker)
+    return False
+
+
+def _train_on_ray(cfg, unit: dict, out_dir: Path, workers: int) -> dict:
+    """One training unit as a W-worker TorchTrainer (W >= 1), launched from inside its Tune trial.
+
+    Epoch checkpoints go to <out_dir>/ray/train, the same folder for the same unit id, so a
+    killed worker group restarts from its last epoch (FailureConfig) and an interrupted unit,
+    run again (a Tune retry, `--resume`), continues from there instead of from epoch 1.
+    """
+    from ecgsearch.distributed.raytrain import FAULT_KEYS, RayTrainSettings, export_best, fit
     from ecgsearch.engine import load_checkpoint
 
+    storage = out_dir.resolve() / "ray"
+    _reuse_or_reset(unit, out_dir, storage, workers)
     gpus = float(unit.get("gpus_per_worker", 0.0))
+    faults = {k: unit[k] for k in FAULT_KEYS if unit.get(k) is not None}
     settings = RayTrainSettings(workers=workers, use_gpu=gpus > 0, gpus_per_worker=gpus or 1.0,
                                 cpus_per_worker=float(unit.get("cpus_per_worker", 1.0)),
-                                storage_path=str(out_dir.resolve() / "ray"), name="train")
-    outcome = fit(cfg, unit["data"], settings)
+                                storage_path=str(storage), name=RAY_RUN, **faults)
+    try:
+        outcome = fit(cfg, unit["data"], settings)
+    except Exception as exc:
+        raise UnitError(f"unit {unit['id']}: Ray Train run {storage / RAY_RUN} failed "
+                        f"(after up to {settings.max_failures} restarts): {type(exc).__name__}: {exc}") from exc
     if outcome.checkpoint_dir is None:
         raise UnitError(f"unit {unit['id']}: the TorchTrainer reported no checkpoint")
+    # The latest epoch checkpoint holds the whole history (restored across restarts) and the best
+    # weights, so the result is the same whether or not the run was interrupted.
     history = load_checkpoint(outcome.checkpoint_dir).extra.get("history", [])
     best = export_best(outcome.checkpoint_dir, out_dir / "model.ckpt")
     return {"val_score": float(best.score), "best_epoch": int(best.epoch), "epochs_run": len(history),
@@ -200,9 +254,11 @@ class RayTuneExecutor:
 
     cpus_per_trial: CPUs (and torch threads) of a single-worker trial, or per worker.
     gpus_per_trial: None = one GPU per worker when the cluster has GPUs, else 0.
-    workers_per_trial: >1 makes each training trial launch a TorchTrainer with that many
-      workers; such a trial reserves 0 CPUs itself (Train V2 runs the workers as separate
-      actors, and a trial that held a CPU while waiting for them deadlocks a small node).
+    workers_per_trial: workers of the TorchTrainer every training trial launches (1 included:
+      on Ray each training is a Ray Train run, checkpointed every epoch and restarted from its
+      last checkpoint when a worker dies); a training trial reserves 0 CPUs itself (Train V2
+      runs the workers as separate actors, and a trial that held a CPU while waiting for them
+      deadlocks a small node).
     storage: folder for Tune's experiment records (one sub-folder per batch).
     """
 
@@ -228,15 +284,31 @@ class RayTuneExecutor:
         self._stamp = time.strftime("%Y%m%d-%H%M%S")  # batch names stay unique across resumes
 
     def _resources(self, kind: str) -> dict[str, float]:
-        if kind == "train" and self.workers_per_trial > 1:
+        if kind == "train":
+            # Every training trial only drives its TorchTrainer, whose workers hold the CPUs/GPUs.
             return {"cpu": 0, "memory": 256 * 1024 ** 2}
         res = {"cpu": self.cpus_per_trial}
         if self.plan.use_gpu:
             res["gpu"] = min(1.0, self.plan.gpus_per_worker)
         return res
 
-    def _extra(self, unit: dict) -> dict:
-        return {"gpus_per_worker": self.plan.gpus_per_worker, "cpus_per_worker": self.plan.cpus_per_worker}
+    def _concurrency(self, kind: str, n_trials: int) -> int | None:
+        if kind != "train":
+            return self.max_concurrent
+        import ray
+
+        from ecgsearch.distributed.cluster import max_concurrent_trials
+
+        # 0-CPU trials would all start at once, and their trainers then queue for workers
+        # (Train V2 retries a worker group that cannot be placed): start only what fits.
+        return max_concurrent_trials(self.plan, ray.cluster_resources(), self.max_concurrent, n_trials)
+
+    def _extra(self, unit: dict, faults: dict[str, dict]) -> dict:
+        extra = {"gpus_per_worker": self.plan.gpus_per_worker, "cpus_per_worker": self.plan.cpus_per_worker}
+        if unit["kind"] == "train":
+            extra["ray_train"] = True
+            extra.update(faults.get(unit["id"], {}))
+        return extra
 
     def run(self, units: Sequence[dict], on_done: OnDone, label: str = "units") -> None:
         kinds = list(dict.fromkeys(u["kind"] for u in units))
@@ -251,7 +323,10 @@ class RayTuneExecutor:
 
         if not units:
             return
-        by_id = {u["id"]: {**u, **self._extra(u)} for u in units}
+        from ecgsearch.distributed.raytrain import unit_faults
+
+        faults = unit_faults()
+        by_id = {u["id"]: {**u, **self._extra(u, faults)} for u in units}
         if len(by_id) != len(units):
             raise UnitError(f"{label}: duplicate unit ids in one batch")
         # Trial names: the unit id for a training (a retried trial resumes under it); numbered
@@ -267,11 +342,16 @@ class RayTuneExecutor:
             param_space={"unit": tune.grid_search(list(packs))},
             # reuse_actors: a finished trial's worker process takes the next unit, so torch and
             # ecgsearch are imported once per worker rather than once per candidate.
-            tune_config=tune.TuneConfig(max_concurrent_trials=self.max_concurrent, reuse_actors=True,
+            tune_config=tune.TuneConfig(max_concurrent_trials=self._concurrency(units[0]["kind"], len(packs)),
+                                        reuse_actors=True,
                                         trial_name_creator=lambda t: _safe(t.config["unit"]),
                                         trial_dirname_creator=lambda t: _safe(t.config["unit"])),
             run_config=tune.RunConfig(name=f"{self._stamp}-{self._batch:03d}-{_safe(label)}",
-                                      storage_path=str(self.storage), callbacks=[cb], verbose=0),
+                                      storage_path=str(self.storage), callbacks=[cb], verbose=0,
+                                      # A training trial lost with its node is retried once: the
+                                      # retry resumes the unit's Ray Train run from its checkpoint.
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=1 if units[0]["kind"] == "train" else 0)),
         )
         grid = tuner.fit()
         errors = {uid: msg for pack, msg in cb.errors.items() for uid in (u["id"] for u in packs[pack])}
