@@ -39,7 +39,15 @@ SPLITS = ("val", "test")
 
 
 class UnitError(RuntimeError):
-    """A unit (trial) failed; the message names the unit and the cause."""
+    """A unit (trial) failed; the message names the unit and the cause.
+
+    `failed` maps each failed unit id to its error, so the search can log those units as
+    FAILED runs before it stops.
+    """
+
+    def __init__(self, message: str, failed: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.failed = dict(failed or {})
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -219,7 +227,8 @@ class LocalExecutor:
             try:
                 result = run_unit(unit)
             except Exception as exc:
-                raise UnitError(f"{label}: unit {unit['id']} failed: {type(exc).__name__}: {exc}") from exc
+                raise UnitError(f"{label}: unit {unit['id']} failed: {type(exc).__name__}: {exc}",
+                                {unit["id"]: f"{type(exc).__name__}: {exc}"}) from exc
             on_done(unit, result)
 
     def close(self) -> None:
@@ -368,7 +377,7 @@ class RayTuneExecutor:
         errors.update({uid: "no result reported" for uid in unfinished})
         if errors:
             detail = "; ".join(f"{uid}: {msg}" for uid, msg in sorted(errors.items()))
-            raise UnitError(f"{label}: {len(errors)} of {len(by_id)} trial(s) failed: {detail}")
+            raise UnitError(f"{label}: {len(errors)} of {len(by_id)} trial(s) failed: {detail}", errors)
 
     def close(self) -> None:
         pass

@@ -11,6 +11,7 @@ from ecgsearch.leads import CHALLENGE_SUBSETS, LEADS, leads_key, parse_leads
 from ecgsearch.metrics import flatten_metrics
 from ecgsearch.search import subsets as SS
 from ecgsearch.search.context import SearchContext, SearchSettings
+from ecgsearch.search.candidates import UnitError
 from ecgsearch.search.evidence import Evidence, answer, answer_line
 from ecgsearch.search.plots import plot_all
 from ecgsearch.search.report import clean, write_rle
@@ -100,9 +101,19 @@ def run_rle(s: SearchSettings, reconstruct: dict[str, Any] | None = None) -> dic
             model_leads = s.start_leads if s.shared else current
             units = {lead: ([ctx.predict_unit(model_leads, seed, kept) for seed in seeds] if s.mode == "eval"
                             else [ctx.train_unit(kept, seed) for seed in seeds]) for lead, kept in subsets}
-            ctx.ensure([u for us in units.values() for u in us], f"candidate units ({n} x {len(seeds)} seeds)",
-                       step=index, n_steps=n_steps,
-                       remaining=_rle_units(s, index, "predict" if s.mode == "eval" else "train"))
+            try:
+                ctx.ensure([u for us in units.values() for u in us], f"candidate units ({n} x {len(seeds)} seeds)",
+                           step=index, n_steps=n_steps,
+                           remaining=_rle_units(s, index, "predict" if s.mode == "eval" else "train"))
+            except UnitError as exc:   # each failed candidate becomes a FAILED run with its error
+                for lead, kept in subsets:
+                    errs = [exc.failed[u["id"]] for u in units[lead] if u["id"] in exc.failed]
+                    if errs:
+                        rid = tr.child(run, f"step{index:02d}-without-{lead}",
+                                       {**_lead_params(kept), "removed": lead, "step": index, "mode": s.mode},
+                                       _lead_tags(kept, "candidate"), finish=False)
+                        tr.end(rid, "FAILED", error="; ".join(errs))
+                raise
             cand_units[index] = units
             info = {lead: ev.scores(us) for lead, us in units.items()}
             step_extra[index] = {"candidates": info}
