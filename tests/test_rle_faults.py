@@ -21,7 +21,7 @@ from ecgsearch.search.candidates import UNIT_FILE, UnitError, load_predictions, 
 from ecgsearch.search.context import SearchSettings
 from ecgsearch.search.pipeline import run_rle
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 
 START = ("AVL", "V2", "V5")
 SPLITS = {"train": [1, 2, 3, 4, 5, 6, 7], "val": [8, 9], "test": [10]}
