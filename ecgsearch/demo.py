@@ -22,7 +22,7 @@ PLANTED = "V2,AVL"
 # Sizes of each step: the full demo, and --quick (the test suite's end-to-end run of the same
 # pipeline; shorter signals and budgets, the same commands).
 SIZES = {"full": {"records": 1200, "train_epochs": 15, "trials": 4, "tune_epochs": 4, "rle_epochs": 20,
-                  "patience": 5, "recon_model": "uresnet", "recon_epochs": 6, "extra": []},
+                  "patience": 5, "recon_model": "uresnet_tiny", "recon_epochs": 6, "extra": []},
          "quick": {"records": 480, "train_epochs": 3, "trials": 2, "tune_epochs": 2, "rle_epochs": 12,
                    "patience": 4, "recon_model": "uresnet_tiny", "recon_epochs": 1,
                    "extra": ["--set", "n_samples=512"]}}
