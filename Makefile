@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-out
 
-.PHONY: install test test-cluster demo bench clean
+.PHONY: install test demo bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,12 +19,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# The whole suite, fault drills included (worker SIGKILL, node loss, tracking server killed mid-study).
 test: install
-	$(PY) -m pytest -q -m "not cluster" tests
-
-# The fault drills (worker SIGKILL, node loss, tracking server killed mid-study): ~15 min on 2 cores.
-test-cluster: install
-	$(PY) -m pytest -q -m cluster tests
+	$(PY) -m pytest -q tests
 
 demo: install
 	$(PY) -m ecgsearch.demo --out $(DEMO_DIR)

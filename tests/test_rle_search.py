@@ -85,7 +85,12 @@ def planted_run(planted, tmp_path_factory, mode: str, seed: int) -> dict:
     return _RUNS[(mode, seed)]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+# Seed 0 in `make test` (42 s a seed); ECGSEARCH_TEST_SEEDS=0,1,2 repeats it over data sets
+# (all three passed when this was written: docs/LEAD_SEARCH.md).
+SEEDS = [int(x) for x in os.environ.get("ECGSEARCH_TEST_SEEDS", "0").split(",")]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_planted_leads_survive_with_repeats_and_are_noninferior(planted, tmp_path_factory, seed):
     """12 -> 2 leads, 2 seeds per unit, one shared masked model: the planted pair is kept, is
     non-inferior to 12 leads at the margin, and a Challenge set lacking a planted lead is not."""

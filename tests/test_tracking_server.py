@@ -27,9 +27,6 @@ from ray_fixtures import ray_session  # noqa: F401
 
 from ecgsearch.tracking import BACKLOG_FILE, Tracker
 
-# Kills and restarts a real mlflow server around real studies: minutes; `make test-cluster`.
-pytestmark = pytest.mark.cluster
-
 REPO = Path(__file__).resolve().parents[1]
 MLFLOW = Path(sys.executable).with_name("mlflow")
 

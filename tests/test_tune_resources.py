@@ -69,3 +69,25 @@ def test_study_settings_fail_before_any_cluster_or_tracking_starts(tmp_path):
         run_study(settings(base_config={"colour": "red"}))
     # None of these got as far as tracking or Ray: nothing was written.
     assert not (tmp_path / "out" / "mlflow.db").exists() and not (tmp_path / "out" / "ray").exists()
+
+
+def test_one_trial_layer_training_trials_hold_no_cpu_and_work_trials_hold_theirs():
+    from ecgsearch.distributed.trials import TRIAL_MEMORY, trial_resources
+
+    # A training trial only drives its TorchTrainer: a CPU held here would starve its own workers.
+    assert trial_resources("train", cpus=4, gpus=1) == {"cpu": 0, "memory": TRIAL_MEMORY}
+    assert trial_resources("work", cpus=2) == {"cpu": 2.0}
+    assert trial_resources("work", cpus=1, gpus=0.5) == {"cpu": 1.0, "gpu": 0.5}
+    with pytest.raises(ValueError, match="unknown trial kind 'predict'"):
+        trial_resources("predict")
+
+
+def test_studies_and_searches_build_their_tuners_in_the_one_trial_layer():
+    import inspect
+
+    from ecgsearch.distributed import tune as study
+    from ecgsearch.search import candidates
+
+    for mod in (study, candidates):
+        src = inspect.getsource(mod)
+        assert "build_tuner(" in src and "tune.Tuner(" not in src and "with_resources(" not in src, mod.__name__

@@ -11,8 +11,8 @@ Layout of OUT:
     ray.log                     Ray's, Tune's, Optuna's and MLflow's log records (the console shows
                                 our progress display and summary lines instead, unless verbose)
 
-Train V2 pattern: the Tune function only drives a TorchTrainer, so it reserves no CPU (the
-workers hold the CPUs/GPUs); reserving one would deadlock a small machine.
+Trials are built by `distributed.trials`, the one trial layer a lead search uses too: the Tune
+function only drives a TorchTrainer, so it reserves no CPU (the workers hold the CPUs/GPUs).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from ecgsearch.distributed.cluster import (ClusterSettings, ensure_ray, max_conc
                                            require_state_api, route_ray_output)
 from ecgsearch.distributed.space import (apply_params, check_space_against_model, parse_space, space_for_model,
                                          space_summary)
+from ecgsearch.distributed.trials import build_tuner, restore_tuner
 from ecgsearch.leads import leads_key
 from ecgsearch.progress import Progress
 from ecgsearch.tracking import Tracker, preflight, tracking_uri_for
@@ -35,7 +36,6 @@ from ecgsearch.tracking import Tracker, preflight, tracking_uri_for
 log = logging.getLogger("ecgsearch.tune")
 
 METRIC = "best_score"   # each trial's best validation selection metric so far (what its checkpoint holds)
-_TRIAL_MEMORY = 256 * 2**20  # bytes the driving Tune function reserves: it only waits on its trainer
 # What must match between a study and its --resume (anything else may change, e.g. concurrency).
 _IDENTITY = ("study", "model", "task", "trials", "epochs", "seed", "space_sha256", "base_config",
              "workers_per_trial", "tracking_uri")
@@ -278,13 +278,11 @@ def _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, tas
               "train": {"workers": res.workers, "use_gpu": res.use_gpu, "cpus_per_worker": res.cpus_per_worker,
                         "gpus_per_worker": res.gpus_per_worker or 1.0, "max_failures": s.max_failures,
                         "storage_path": str(out / "train" / study)}}
-    trainable = tune.with_resources(tune.with_parameters(_trial, static=static),
-                                    {"cpu": 0, "memory": _TRIAL_MEMORY})
     epochs = resolver.base["epochs"]
     verbosity = 1 if s.verbose else 0
     if resuming:
         progress.note(f"resuming study {study} from {exp_dir}")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = restore_tuner(_trial, {"static": static}, kind="train", path=str(exp_dir))
         # Tune restores the first session's RunConfig, verbosity included: this session's --verbose
         # decides. (A private attribute: should it go, the study still runs, only as loud as before.)
         internal = getattr(tuner, "_local_tuner", None)
@@ -293,17 +291,14 @@ def _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, tas
     else:
         callback = StudyCallback(uri=uri, experiment=experiment, parent_id=parent, study=study,
                                  events=str(out / "events.jsonl"), resolver=resolver, epochs=epochs)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space.to_tune(),
+        tuner = build_tuner(
+            _trial, {"static": static}, kind="train", name=study, storage_path=str(out / "ray"),
+            param_space=space.to_tune(), callbacks=[callback], verbose=verbosity,
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode=task.mode, num_samples=s.trials, max_concurrent_trials=concurrent,
                 search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed)),
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(s.grace_period, epochs),
-                                        reduction_factor=s.reduction_factor)),
-            run_config=tune.RunConfig(name=study, storage_path=str(out / "ray"), callbacks=[callback],
-                                      failure_config=tune.FailureConfig(max_failures=1),
-                                      verbose=verbosity))
+                                        reduction_factor=s.reduction_factor)))
     events = out / "events.jsonl"
     display = StudyDisplay(progress, metric=task.selection_metric, mode=task.mode, epochs=epochs,
                            earlier=_read_events(events))

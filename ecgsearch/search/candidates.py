@@ -292,14 +292,10 @@ class RayTuneExecutor:
         self._batch = 0
         self._stamp = time.strftime("%Y%m%d-%H%M%S")  # batch names stay unique across resumes
 
-    def _resources(self, kind: str) -> dict[str, float]:
-        if kind == "train":
-            # Every training trial only drives its TorchTrainer, whose workers hold the CPUs/GPUs.
-            return {"cpu": 0, "memory": 256 * 1024 ** 2}
-        res = {"cpu": self.cpus_per_trial}
-        if self.plan.use_gpu:
-            res["gpu"] = min(1.0, self.plan.gpus_per_worker)
-        return res
+    def _resources(self, kind: str) -> dict[str, Any]:
+        # A training trial drives its TorchTrainer (0 CPUs); a prediction pack works in the trial.
+        gpus = min(1.0, self.plan.gpus_per_worker) if self.plan.use_gpu else 0.0
+        return {"kind": "train" if kind == "train" else "work", "cpus": self.cpus_per_trial, "gpus": gpus}
 
     def _concurrency(self, kind: str, n_trials: int) -> int | None:
         if kind != "train":
@@ -333,6 +329,7 @@ class RayTuneExecutor:
         if not units:
             return
         from ecgsearch.distributed.raytrain import unit_faults
+        from ecgsearch.distributed.trials import build_tuner
 
         faults = unit_faults()
         by_id = {u["id"]: {**u, **self._extra(u, faults)} for u in units}
@@ -344,24 +341,17 @@ class RayTuneExecutor:
                  for i, (k, v) in enumerate(pack_units(list(by_id.values())).items())}
         cb = _done_callback(by_id, on_done)
         self._batch += 1
-        trainable = tune.with_resources(tune.with_parameters(_tune_trial, units=packs),
-                                        self._resources(units[0]["kind"]))
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"unit": tune.grid_search(list(packs))},
+        kind = units[0]["kind"]
+        tuner = build_tuner(
+            _tune_trial, {"units": packs}, **self._resources(kind),
+            name=f"{self._stamp}-{self._batch:03d}-{_safe(label)}", storage_path=str(self.storage),
+            param_space={"unit": tune.grid_search(list(packs))}, callbacks=[cb],
             # reuse_actors: a finished trial's worker process takes the next unit, so torch and
             # ecgsearch are imported once per worker rather than once per candidate.
-            tune_config=tune.TuneConfig(max_concurrent_trials=self._concurrency(units[0]["kind"], len(packs)),
+            tune_config=tune.TuneConfig(max_concurrent_trials=self._concurrency(kind, len(packs)),
                                         reuse_actors=True,
                                         trial_name_creator=lambda t: _safe(t.config["unit"]),
-                                        trial_dirname_creator=lambda t: _safe(t.config["unit"])),
-            run_config=tune.RunConfig(name=f"{self._stamp}-{self._batch:03d}-{_safe(label)}",
-                                      storage_path=str(self.storage), callbacks=[cb], verbose=0,
-                                      # A training trial lost with its node is retried once: the
-                                      # retry resumes the unit's Ray Train run from its checkpoint.
-                                      failure_config=tune.FailureConfig(
-                                          max_failures=1 if units[0]["kind"] == "train" else 0)),
-        )
+                                        trial_dirname_creator=lambda t: _safe(t.config["unit"])))
         grid = tuner.fit()
         errors = {uid: msg for pack, msg in cb.errors.items() for uid in (u["id"] for u in packs[pack])}
         for res in grid:

@@ -1,0 +1,55 @@
+"""The one way ecgsearch runs Tune trials: hyperparameter studies and lead searches both build
+their `Tuner` here, so trial resources, retries, naming and Tune's storage follow one policy.
+
+A *training* trial only drives a Ray Train `TorchTrainer` (`raytrain.fit`): the trainer's workers
+hold the CPUs/GPUs, so the trial itself reserves 0 CPUs (Train V2; a trial holding a CPU while it
+waits for its workers deadlocks a small node) and a little memory. A *work* trial (a lead search's
+prediction pack) does its work in the trial process and reserves what it uses.
+
+A trial lost with its node is retried once (`TRIAL_RETRIES`): the retry calls `raytrain.fit` with
+the same run name and storage, which resumes the Ray Train run from its last committed epoch.
+Worker deaths inside a run are handled below this layer, by Ray Train's own FailureConfig.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+TRIAL_MEMORY = 256 * 2**20   # bytes a training trial reserves: it only waits on its trainer
+TRIAL_RETRIES = 1            # Tune-level retries of a training trial (each resumes its run)
+
+
+def trial_resources(kind: str, cpus: float = 1.0, gpus: float = 0.0) -> dict[str, float]:
+    """Tune resources of one trial: `train` (drives a TorchTrainer) or `work` (does it itself)."""
+    if kind == "train":
+        return {"cpu": 0, "memory": TRIAL_MEMORY}
+    if kind != "work":
+        raise ValueError(f"unknown trial kind {kind!r}: expected 'train' or 'work'")
+    res = {"cpu": float(cpus)}
+    if gpus > 0:
+        res["gpu"] = float(gpus)
+    return res
+
+
+def build_tuner(fn: Callable[..., None], static: dict[str, Any], *, kind: str, name: str, storage_path: str,
+                param_space: dict[str, Any], tune_config: Any, callbacks: Sequence[Any] = (),
+                verbose: int = 0, cpus: float = 1.0, gpus: float = 0.0):
+    """A `tune.Tuner` running `fn(config, **static)` as trials of `kind`, recorded under
+    `storage_path/name` (a deterministic name: the same study or batch resumes under it)."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(fn, **static), trial_resources(kind, cpus, gpus))
+    return tune.Tuner(
+        trainable, param_space=param_space, tune_config=tune_config,
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
+                                  verbose=verbose,
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=TRIAL_RETRIES if kind == "train" else 0)))
+
+
+def restore_tuner(fn: Callable[..., None], static: dict[str, Any], *, kind: str, path: str,
+                  cpus: float = 1.0, gpus: float = 0.0):
+    """The Tuner of an interrupted study at `path`, continuing its unfinished and errored trials."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(fn, **static), trial_resources(kind, cpus, gpus))
+    return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
