@@ -2,7 +2,7 @@
 
 Submit from a machine that can reach the head node's dashboard (127.0.0.1 when tunnelled):
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+    ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \\
         python jobs/rle_job.py --data /shared/ptbxl-cache-500 --task rhythm --model mlresnet \\
         --mode retrain --from-study /shared/studies/mlresnet-rhythm --out /shared/rle/rhythm \\
         --tracking-uri http://127.0.0.1:5000 --check-k 3
@@ -28,7 +28,7 @@ from ecgsearch.cli import main as cli_main  # noqa: E402
 _SHARED = {"--data": True, "--task": True, "--model": True, "--mode": True, "--config": True,
            "--from-study": True, "--set": True, "--epochs": True, "--workers-per-trial": True,
            "--cpus-per-trial": True, "--gpus-per-trial": True, "--max-concurrent": True, "--tracking-uri": True,
-           "--experiment": True, "--executor": True, "--no-tracking": False}
+           "--experiment": True, "--executor": True, "--runtime-env": True, "--no-tracking": False}
 
 
 def shared_args(argv: list[str]) -> list[str]:
@@ -49,15 +49,25 @@ def shared_args(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _known(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--check-k", type=int)
     ap.add_argument("--out", default="runs/rle")
     ap.add_argument("--start-leads")
-    known, _ = ap.parse_known_args(argv)
+    return ap.parse_known_args(argv)[0]
+
+
+def split_args(argv: list[str]) -> tuple[list[str], int | None]:
+    """(the arguments for `ecgsearch rle`, the --check-k value or None)."""
     rle_argv = [a for i, a in enumerate(argv) if a != "--check-k" and not (i and argv[i - 1] == "--check-k")
                 and not a.startswith("--check-k=")]
+    return rle_argv, _known(argv).check_k
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known = _known(argv)
+    rle_argv, _ = split_args(argv)
     if not os.environ.get("RAY_ADDRESS"):
         print("rle_job: RAY_ADDRESS is not set; running on a local Ray instance", file=sys.stderr)
     rc = cli_main(["rle", *rle_argv])

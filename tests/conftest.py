@@ -20,6 +20,16 @@ SYNTH_DEFAULTS = {"records": 600, "seed": 0, "informative_leads": None, "fs": "1
                   "enrich": True}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _working_directory(tmp_path_factory):
+    """Every command's default MLflow store is ./mlflow.db: run the session from a scratch folder
+    so no test writes one into the checkout (tests that check the default chdir on their own)."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
+
+
 @pytest.fixture(scope="session")
 def ptbxl_sample() -> Path:
     """Root of the real 500-record PTB-XL sample; skips when it is not configured."""

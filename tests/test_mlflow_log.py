@@ -19,7 +19,7 @@ from ecgsearch.tracking import (EXPERIMENT_KIND, NullTracker, Tracker, TrackingE
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     out = tmp_path_factory.mktemp("mlflow")
-    uri = tracking_uri_for(out)
+    uri = tracking_uri_for(root=out)
     preflight(uri)          # creates the database
     return out, uri
 
@@ -38,13 +38,16 @@ def _closed(t: Tracker):
 
 def test_tracking_uri_rules(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri_for(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    # One store per working directory, whatever the command's --out
+    assert tracking_uri_for() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking_uri_for(root=tmp_path / "x") == f"sqlite:///{(tmp_path / 'x').resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert tracking_uri_for(tmp_path) == "http://127.0.0.1:5999"
-    assert tracking_uri_for(tmp_path, "sqlite:////x/y.db") == "sqlite:////x/y.db"   # the flag wins
+    assert tracking_uri_for() == "http://127.0.0.1:5999"
+    assert tracking_uri_for("sqlite:////x/y.db") == "sqlite:////x/y.db"   # the flag wins
     for bad in ("./mlruns", "file:///tmp/mlruns"):
         with pytest.raises(TrackingError, match="file store"):
-            tracking_uri_for(tmp_path, bad)
+            tracking_uri_for(bad)
 
 
 def test_preflight_fails_fast_and_names_the_store(tmp_path):

@@ -13,74 +13,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from ray_fixtures import ray_session  # noqa: F401
+from servers import MlflowServer
 
 from ecgsearch.tracking import BACKLOG_FILE, Tracker
 
 REPO = Path(__file__).resolve().parents[1]
-MLFLOW = Path(sys.executable).with_name("mlflow")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with a sqlite store in `root`; kill() is SIGKILL to its whole
-    process group (the uvicorn workers too), start() again serves the same store on the same port."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self, timeout_s: float = 180.0) -> None:
-        self.starts += 1
-        log = open(self.root / f"server{self.starts}.log", "w")
-        self.proc = subprocess.Popen(
-            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--default-artifact-root", str(self.root / "art"), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(self.root / f'server{self.starts}.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.kill()
-        pytest.fail(f"mlflow server on {self.uri} did not answer /health within {timeout_s:.0f} s")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:   # the port is free again (for start())
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) != 0:
-                    return
-            time.sleep(0.2)
 
 
 @pytest.fixture
@@ -216,8 +161,6 @@ def studies(ray_session, synth_cache, tmp_path_factory):  # noqa: F811
     server.start()
     env = {**os.environ, "RAY_ADDRESS": ray_session}
     try:
-        live = _run_study(_tune(synth_cache, root / "live", space, server.uri), root / "live.log", env)
-        assert live["rc"] == 0, live["log"][-4000:]
         dead = _run_study(_tune(synth_cache, root / "dead", space, server.uri), root / "dead.log", env,
                           on_first_complete=server.kill)
         assert dead["rc"] == 0, dead["log"][-4000:]
@@ -231,10 +174,10 @@ def studies(ray_session, synth_cache, tmp_path_factory):  # noqa: F811
         failing.mkdir()
         failed = _run_study(_tune(failing, root / "failed", space, server.uri, "--trials", "1",
                                   "--max-failures", "0"), root / "failed.log", env)
-        print(f"\nstall figures: live study {live['wall']:.0f} s; server killed after the first trial: "
-              f"{dead['wall']:.0f} s ({dead['after_event']:.0f} s from kill to exit); resume that replayed "
-              f"the backlog: {resumed['wall']:.0f} s")
-        yield {"live": live, "dead": dead, "backlog": backlog, "resumed": resumed, "failed": failed,
+        print(f"\nstall figures: server killed after the first trial: study {dead['wall']:.0f} s "
+              f"({dead['after_event']:.0f} s from kill to exit); resume that replayed the backlog: "
+              f"{resumed['wall']:.0f} s")
+        yield {"dead": dead, "backlog": backlog, "resumed": resumed, "failed": failed,
                "uri": server.uri, "root": root}
     finally:
         server.kill()
@@ -243,11 +186,12 @@ def studies(ray_session, synth_cache, tmp_path_factory):  # noqa: F811
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_dead_server_costs_the_study_seconds_not_minutes(studies):
-    live, dead = studies["live"], studies["dead"]
+    dead = studies["dead"]
     done = [e["trial"] for e in _events(dead["out"]) if e["event"] == "complete"]
     assert len(set(done)) == TRIALS and (dead["out"] / "best.json").is_file() and (dead["out"] / "best.ckpt").is_file()
-    # Against the same study with a live server; before the writer this took > 15 minutes more.
-    assert dead["wall"] - live["wall"] < 90, (dead["wall"], live["wall"])
+    # From the kill to the driver's exit: the remaining trials' training plus a bounded close (a
+    # live-server study of this size takes ~2 minutes in all); before the writer, > 16 minutes.
+    assert dead["after_event"] < 150, dead["after_event"]
     assert "does not answer" in dead["log"] and "--resume" in dead["log"]   # said once, with the fix
     best = dead["best"]
     assert best["mlflow"]["version"] is None    # the registry did not answer: queued, not faked
@@ -269,11 +213,11 @@ def test_resume_replays_the_backlog_and_runs_end_in_their_true_status(studies):
     best = json.loads((out / "best.json").read_text())
     c = MlflowClient(studies["uri"])
     exp = c.get_experiment_by_name("ecgsearch-rhythm")
-    # Three studies of one name on one server (live, dead, failed): three parent runs, none reused.
+    # Two studies of one name on one server (dead, failed): two parent runs, none reused.
     parents = {p.info.run_id for p in c.search_runs([exp.experiment_id],
                                                      filter_string=f"attributes.run_name = '{STUDY}'")}
-    live_best = json.loads((studies["live"]["out"] / "best.json").read_text())
-    assert len(parents) == 3 and {best["mlflow"]["parent_run_id"], live_best["mlflow"]["parent_run_id"]} < parents
+    failed = json.loads((studies["failed"]["out"] / "study.json").read_text())["mlflow_parent"]
+    assert parents == {best["mlflow"]["parent_run_id"], failed}
     parent = c.get_run(best["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "study"
     assert json.loads((out / "study.json").read_text())["mlflow_parent"] == parent.info.run_id

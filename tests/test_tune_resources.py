@@ -50,8 +50,10 @@ def test_requested_concurrency_wins_and_bad_settings_are_named():
         plan_trial_resources(1, None, CPU2, cpus_per_worker=0)
 
 
-def test_study_settings_fail_before_any_cluster_or_tracking_starts(tmp_path):
+def test_study_settings_fail_before_any_cluster_or_tracking_starts(tmp_path, monkeypatch):
     from ecgsearch.distributed.tune import TuneSettings, run_study
+
+    monkeypatch.chdir(tmp_path)            # where the default store would be
 
     def settings(**kw):
         base = dict(data=tmp_path, model="resnet1d_tiny", task="rhythm", trials=2, out=tmp_path / "out")
@@ -68,7 +70,7 @@ def test_study_settings_fail_before_any_cluster_or_tracking_starts(tmp_path):
     with pytest.raises(ValueError, match="unknown training setting"):
         run_study(settings(base_config={"colour": "red"}))
     # None of these got as far as tracking or Ray: nothing was written.
-    assert not (tmp_path / "out" / "mlflow.db").exists() and not (tmp_path / "out" / "ray").exists()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out" / "ray").exists()
 
 
 def test_one_trial_layer_training_trials_hold_no_cpu_and_work_trials_hold_theirs():

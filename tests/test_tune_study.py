@@ -19,7 +19,6 @@ from ecgsearch.cli import main as cli_main
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
 TRIALS, EPOCHS = 4, 2
 SPACE = {"format": "ecgsearch.search_space/1", "name": "tiny-test", "version": 1, "models": ["resnet1d_tiny"],
          "params": {"lr": {"type": "loguniform", "low": 3e-4, "high": 1e-2},
@@ -58,7 +57,7 @@ def study(ray_session, synth_cache, tmp_path_factory):  # noqa: F811
     env = {**os.environ, "RAY_ADDRESS": ray_session}
     cmd = [sys.executable, "-m", "ecgsearch", *_args(synth_cache, out, space)]
     with open(root / "first.log", "w") as log:
-        first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
         exp_dir = out / "ray" / f"resnet1d_tiny-rhythm-{out.name}"
         deadline = time.monotonic() + 300
         while True:
@@ -74,7 +73,7 @@ def study(ray_session, synth_cache, tmp_path_factory):  # noqa: F811
         first.wait()
     killed_pid = first.pid
     with open(root / "resume.log", "w") as log:
-        second = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        second = subprocess.run(cmd + ["--resume"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 timeout=400)
     assert second.returncode == 0, (root / "resume.log").read_text()[-4000:]
     return {"out": out, "space": space, "cache": synth_cache, "killed_pid": killed_pid,
@@ -101,6 +100,8 @@ def test_mlflow_holds_parent_and_child_runs_with_params_metrics_and_registry(stu
     from mlflow import MlflowClient
 
     best = json.loads((study["out"] / "best.json").read_text())
+    # The default store: mlflow.db in the driver's working directory, not in --out
+    assert best["mlflow"]["tracking_uri"] == f"sqlite:///{study['out'].parent.resolve()}/mlflow.db"
     c = MlflowClient(best["mlflow"]["tracking_uri"])
     exp = c.get_experiment_by_name("ecgsearch-rhythm")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -150,6 +151,44 @@ def test_best_checkpoint_reproduces_its_logged_validation_metric(study):
     assert val["macro_auprc"] == pytest.approx(best["score"], rel=1e-5)
 
 
+def test_the_champion_loads_from_the_registry_and_predicts_what_ecgsearch_predict_prints(study, synth_root,
+                                                                                       capsys, monkeypatch):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import wfdb
+
+    from ecgsearch.leads import LEADS
+
+    best = json.loads((study["out"] / "best.json").read_text())
+    uri = best["mlflow"]["model_uri"]
+    assert uri == f"models:/ecgsearch-rhythm-resnet1d_tiny@champion"
+    records = pd.read_csv(synth_root / "ptbxl_database.csv")["filename_lr"].head(3).tolist()
+    paths = [str(synth_root / r) for r in records]
+    assert cli_main(["predict", "--checkpoint", str(study["out"] / "best.ckpt"), *paths, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # (not mlflow.set_tracking_uri: it also sets the variable, for the rest of the session)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", best["mlflow"]["tracking_uri"])
+    model = mlflow.pyfunc.load_model(uri)
+    meta = model.metadata.metadata["ecgsearch"]
+    assert meta["leads"] == list(LEADS) and meta["fs"] == 100 and meta["units"] == "mV"
+    assert len(meta["normaliser"]["mean"]) == 12 and set(meta["outputs"]) == set(printed[0]) - {"record", "fs_in"}
+    spec = model.metadata.get_input_schema().inputs[0]
+    assert spec.shape == (-1, 12, meta["n_samples"]) and spec.type == np.dtype(np.float32)
+    # Raw mV from the WFDB files, (n, leads, samples); the 10 s records centred in the model's
+    # window with zeros, as training and `ecgsearch predict` place them.
+    raw = np.stack([wfdb.rdsamp(p)[0].T for p in paths]).astype(np.float32)
+    pad = meta["n_samples"] - raw.shape[2]
+    assert raw.shape[1:] == (12, 1000) and pad >= 0
+    x = np.pad(raw, ((0, 0), (0, 0), (pad // 2, pad - pad // 2)))
+    got = model.predict(x)
+    assert got.shape == (3, len(meta["outputs"]))
+    for row, pred in zip(printed, got):
+        assert [row[name] for name in meta["outputs"]] == pytest.approx(pred.tolist(), rel=1e-5, abs=1e-6)
+    with pytest.raises(Exception, match="shape"):
+        model.predict(x[:, :6])            # six leads for a 12-lead model: refused, not padded
+
+
 def test_resume_and_reuse_rules(study, capsys):
     out, space, cache = study["out"], study["space"], study["cache"]
     assert cli_main(_args(cache, out, space)) == 2
@@ -180,37 +219,22 @@ def test_unreachable_tracking_server_fails_before_training(synth_cache, tmp_path
     assert not (out / "ray").exists() and not (out / "train").exists() and not (out / "events.jsonl").exists()
 
 
-def _console(ray_address: str, argv: list[str]) -> str:
+def _console(ray_address: str, argv: list[str], cwd: Path) -> str:
     """A driver process's whole console (stdout + stderr) for `ecgsearch <argv>`, joining the session's Ray."""
     env = {**os.environ, "RAY_ADDRESS": ray_address}
-    proc = subprocess.run([sys.executable, "-m", "ecgsearch", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.run([sys.executable, "-m", "ecgsearch", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return proc.stdout
 
 
-def test_console_shows_progress_and_summary_and_ray_output_goes_to_ray_log(ray_session, synth_cache,  # noqa: F811
-                                                                          tmp_path):
+def test_verbose_console_shows_rays_output_beside_our_summary(ray_session, synth_cache, tmp_path):  # noqa: F811
+    # The quiet default console is checked on a submitted job's logs (test_ray_jobs.py).
     space = tmp_path / "space.json"
     space.write_text(json.dumps(SPACE))
-    argv = _args(synth_cache, tmp_path / "quiet", space)
-    argv[argv.index("--trials") + 1], argv[argv.index("--epochs") + 1] = "2", "1"
-    text = _console(ray_session, argv)
-    lines = text.splitlines()
-    assert lines[0].startswith("study resnet1d_tiny-rhythm-quiet: 2 trials x 1 epoch of") and "ray.log" in lines[0]
-    assert "[tune] 2 trials: 0/2 done" in text and "[tune] 2 trials: 2/2 done" in text
-    assert sum(" done after 1/1 epochs: macro_auprc=" in ln and "best so far: trial " in ln for ln in lines) == 2
-    assert any(ln.startswith("best trial ") for ln in lines)
-    for noise in ("(pid=", "(raylet)", "Trial status", "Trial name", "╭", "View detailed results", "TensorBoard",
-                  "Started a local Ray", "Connecting to existing Ray", "A new study created", "mlflow."):
-        assert noise not in text, f"{noise!r} on the console:\n{text}"
-    assert len(lines) <= 10, text                    # it was ~200 lines of Ray output for this study
-    ray_log = (tmp_path / "quiet" / "ray.log").read_text()
-    assert "joined Ray cluster" in ray_log and "Ray session logs" in ray_log
-
     verbose = _args(synth_cache, tmp_path / "verbose", space, "--verbose")
     verbose[verbose.index("--trials") + 1], verbose[verbose.index("--epochs") + 1] = "1", "1"
-    text = _console(ray_session, verbose)
+    text = _console(ray_session, verbose, tmp_path)
     assert "(RayTrainWorker pid=" in text and "Trial status" in text    # Ray's own output is back
     assert "trial " in text and "best trial " in text                   # and our summary lines stay
     assert "[tune] 1 trials" not in text                                # but no display to break it up

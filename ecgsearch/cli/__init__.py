@@ -18,6 +18,28 @@ class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
+def load_runtime_env(path: str | None) -> dict:
+    """A Ray runtime_env from a YAML or JSON file (`--runtime-env`), used when joining a cluster."""
+    if not path:
+        return {}
+    import json
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"--runtime-env {path}: cannot read it ({exc.strerror})") from None
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        env = yaml.safe_load(text)
+    else:
+        env = json.loads(text)
+    if not isinstance(env, dict):
+        raise ValueError(f"--runtime-env {path}: must hold a mapping (working_dir, env_vars, ...)")
+    return env
+
+
 def sigterm_as_interrupt(signum, frame):
     """SIGTERM handler: `ray job stop` sends SIGTERM; handle it like Ctrl-C so Tune stops its
     trials in order, MLflow runs end KILLED and saved state keeps finished work for --resume."""

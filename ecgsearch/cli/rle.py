@@ -48,13 +48,15 @@ def _search_options(p: argparse.ArgumentParser, out_default: str) -> None:
                    help="GPUs per trial (default: one per worker when the cluster has GPUs, else 0)")
     p.add_argument("--max-concurrent", type=int, help="cap on parallel trials (default: what fits)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://127.0.0.1:5000 or "
-                   "sqlite:////abs/mlflow.db (default: $MLFLOW_TRACKING_URI, else sqlite in --out)")
+                   "sqlite:////abs/mlflow.db (default: $MLFLOW_TRACKING_URI, else ./mlflow.db: one store per working directory)")
     p.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
-    p.add_argument("--experiment", default="ecgsearch-lead-search", help="MLflow experiment name")
+    p.add_argument("--experiment", help="MLflow experiment (default: ecgsearch-<task>, beside the studies)")
     p.add_argument("--out", default=out_default, help="output folder (state, models, reports)")
     p.add_argument("--resume", action="store_true", help="continue the search in --out; finished work is kept")
     p.add_argument("--executor", default="ray", choices=("ray", "local"),
                    help="ray: candidates as parallel Ray Tune trials; local: one by one in this process")
+    p.add_argument("--runtime-env", help="Ray runtime_env YAML/JSON used when joining a cluster "
+                   "(e.g. cluster/runtime_env.yaml: ships this checkout to every node)")
 
 
 def register(sub) -> None:
@@ -111,6 +113,7 @@ def _base_config(args):
 
 
 def _settings(args):
+    from ecgsearch.cli import load_runtime_env
     from ecgsearch.search.context import SearchSettings
 
     for pair in args.overrides:   # the budget is the search's own setting, never a silent override
@@ -127,7 +130,8 @@ def _settings(args):
         tracking_uri=args.tracking_uri, tracking=not args.no_tracking, experiment=args.experiment,
         baselines=not getattr(args, "no_baselines", False), resume=args.resume, repeats=args.repeats,
         epochs=args.epochs, patience=args.patience, margin=args.margin, eval_model=args.eval_model,
-        shared_lead_dropout=args.shared_lead_dropout, verbose=args.verbose, **kw)
+        shared_lead_dropout=args.shared_lead_dropout, verbose=args.verbose,
+        runtime_env=load_runtime_env(getattr(args, "runtime_env", None)), **kw)
 
 
 def _clean_errors(fn, *a, **kw):

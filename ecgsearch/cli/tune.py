@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 from pathlib import Path
 
-from ecgsearch.cli import sigterm_as_interrupt
+from ecgsearch.cli import load_runtime_env, sigterm_as_interrupt
 
 
 def register(sub) -> None:
@@ -24,9 +23,9 @@ def register(sub) -> None:
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
     p.add_argument("--epochs", type=int, help="epochs per trial (ASHA's max_t)")
     p.add_argument("--search-space", help="search space JSON (default: the packaged one for the model)")
-    p.add_argument("--out", default="runs/tune", help="output folder (best.json, best.ckpt, mlflow.db, ...)")
+    p.add_argument("--out", default="runs/tune", help="output folder (best.json, best.ckpt, ray/, train/, ...)")
     p.add_argument("--resume", action="store_true", help="continue the study in --out; finished trials are kept")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else OUT/mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db: one store per working directory)")
     p.add_argument("--experiment", help="MLflow experiment (default: ecgsearch-<task>)")
     p.add_argument("--study-name", help="study/run name (default: <model>-<task>-<out folder name>)")
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
@@ -51,21 +50,6 @@ def _base_config(args) -> dict:
     return cfg.to_dict()
 
 
-def _runtime_env(path: str | None) -> dict:
-    if not path:
-        return {}
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        env = yaml.safe_load(text)
-    else:
-        env = json.loads(text)
-    if not isinstance(env, dict):
-        raise ValueError(f"runtime env file {path} must hold a mapping")
-    return env
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
     from ecgsearch.cli import CLIError
     from ecgsearch.distributed.cluster import ClusterError, ClusterSettings
@@ -81,7 +65,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri, experiment=args.experiment, study_name=args.study_name, seed=args.seed,
         base_config=_base_config(args), grace_period=args.grace_period, max_failures=args.max_failures,
         register_model=not args.no_register, verbose=args.verbose,
-        cluster=ClusterSettings(runtime_env=_runtime_env(args.runtime_env)))
+        cluster=ClusterSettings(runtime_env=load_runtime_env(args.runtime_env)))
     previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         result = run_study(settings)

@@ -150,6 +150,23 @@ def _raylet_messages_to_log() -> Iterator[None]:
         worker.print_to_stdstream = original
 
 
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """ray.init replaces a driver's SIGTERM handler with one that exits at once (SystemExit). The
+    CLI's handler turns SIGTERM (`ray job stop`) into an interrupt, so Tune stops its trials in
+    order and every MLflow run ends KILLED: keep it when there is one."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+
+
 def ensure_ray(settings: ClusterSettings | None = None) -> str:
     """Make sure this process is connected to Ray: 'reused', 'joined' or 'started'."""
     import ray
@@ -165,7 +182,8 @@ def ensure_ray(settings: ClusterSettings | None = None) -> str:
             raise ClusterError(f"num_cpus/num_gpus size a local Ray only; the cluster at {address} "
                                "has its own resources")
         try:
-            ray.init(address=address, **kwargs)
+            with _keep_sigterm_handler():
+                ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(f"could not join the Ray cluster at RAY_ADDRESS={address}: {exc}") from None
         ray_log.info("joined Ray cluster at %s: %s", address, ray.cluster_resources())
@@ -182,8 +200,9 @@ def ensure_ray(settings: ClusterSettings | None = None) -> str:
         port = _free_port()
         kwargs["dashboard_port"] = port
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=s.num_cpus, num_gpus=s.num_gpus, include_dashboard=s.include_dashboard,
-             dashboard_host="127.0.0.1", **kwargs)
+    with _keep_sigterm_handler():
+        ray.init(num_cpus=s.num_cpus, num_gpus=s.num_gpus, include_dashboard=s.include_dashboard,
+                 dashboard_host="127.0.0.1", **kwargs)
     ray_log.info("started local Ray: %s", ray.cluster_resources())
     _log_session()
     return "started"

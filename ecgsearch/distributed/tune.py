@@ -5,7 +5,6 @@ Layout of OUT:
     events.jsonl      trial start/complete/error events, one JSON line each, with the driver pid
     ray/<study>/      Tune's experiment state (what `Tuner.restore` continues from)
     train/<study>/trial-<id>/   each trial's Ray Train run: epoch checkpoints, resumable
-    mlflow.db, mlartifacts/     the default MLflow store (sqlite) and its artifacts
     tracking_backlog.json       only when MLflow missed calls: what they were, in order (--resume replays)
     best.json, best.ckpt        the best trial's resolved TrainConfig + score, and its best weights
     ray.log                     Ray's, Tune's, Optuna's and MLflow's log records (the console shows
@@ -147,6 +146,17 @@ def _identity(s: TuneSettings, study: str, space, base: dict, uri: str) -> dict[
             "workers_per_trial": s.workers_per_trial, "tracking_uri": uri}
 
 
+def _study_uri(s: TuneSettings, out: Path) -> str:
+    """The study's store: the setting, else $MLFLOW_TRACKING_URI, else ./mlflow.db; a --resume with
+    neither goes on in the store the study began in, from whatever folder it is run."""
+    meta = out / "study.json"
+    if s.resume and not (s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) and meta.exists():
+        saved = json.loads(meta.read_text()).get("tracking_uri")
+        if saved:
+            return saved
+    return tracking_uri_for(s.tracking_uri)
+
+
 def _check_out(s: TuneSettings, exp_dir: Path, ident: dict) -> bool:
     """True when an existing study is to be continued; errors on a clash."""
     meta = Path(s.out) / "study.json"
@@ -178,7 +188,7 @@ def run_study(s: TuneSettings) -> StudyResult:
     out.mkdir(parents=True, exist_ok=True)
     study = s.study_name or f"{s.model}-{s.task}-{out.name}"
     base = base_cfg.to_dict()
-    uri = tracking_uri_for(out, s.tracking_uri)
+    uri = _study_uri(s, out)
     ident = _identity(s, study, space, base, uri)
     exp_dir = out / "ray" / study
     resuming = _check_out(s, exp_dir, ident)
@@ -344,19 +354,26 @@ def _finish(s, out, study, task, results, resolver, tracker, parent) -> StudyRes
             "mlflow": {"tracking_uri": tracker.uri, "experiment": tracker.experiment, "parent_run_id": parent,
                        "run_id": run_id}}
     tracker.log_artifact(parent, out / "best.ckpt", "best")
+    # The same weights as an MLflow model (signature, leads, rate, length, normaliser): what
+    # `mlflow.pyfunc.load_model("models:/<name>@champion")` serves.
+    from ecgsearch.tracking.pyfunc import CHAMPION, save_pyfunc
+
+    tracker.log_artifact(parent, save_pyfunc(out / "best.ckpt", out / "model"), "model")
     previous = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else {}
     if previous.get("trial_id") == trial_id and previous.get("mlflow", {}).get("version"):
         # `--resume` of a finished study: same answer, so no second registry version of it.
-        info["mlflow"].update({k: previous["mlflow"][k] for k in ("registered_model", "version")})
+        info["mlflow"].update({k: previous["mlflow"][k] for k in ("registered_model", "version", "alias", "model_uri")
+                               if k in previous["mlflow"]})
     elif s.register_model:
         name = f"ecgsearch-{s.task}-{s.model}"
-        version = tracker.register_model(parent, "best", name, tags={"score": info["score"], "study": study,
-                                                                     "metric": info["metric"], "trial_id": trial_id},
-                                         wait_s=120)
+        version = tracker.register_model(parent, "model", name, tags={"score": info["score"], "study": study,
+                                                                      "metric": info["metric"], "trial_id": trial_id},
+                                         wait_s=120, alias=CHAMPION)
         if version is None:   # still queued: a --resume (or the replayed backlog) registers it, once
             log.warning("MLflow registry did not answer: %s not registered yet (queued; `--resume` in %s "
                         "finishes it)", name, out)
-        info["mlflow"].update(registered_model=name, version=version)
+        info["mlflow"].update(registered_model=name, version=version, alias=CHAMPION,
+                              model_uri=f"models:/{name}@{CHAMPION}")
     (out / "best.json").write_text(json.dumps(info, indent=2, default=float) + "\n")
     tracker.log_artifact(parent, out / "best.json")
     tracker.log_metrics(parent, {"best_score": info["score"], "best_epoch": info["epoch"]}, 0)

@@ -86,6 +86,42 @@ def operating_points(ck: Checkpoint | str | Path, data, split: str = "test", *, 
     return out
 
 
+class Predictor:
+    """A checkpoint ready to serve: raw mV in, decoded outputs out (probabilities, years, or mV).
+
+    `__call__` takes (n, leads, samples) float mV already in the model's lead order, rate and
+    length (what an MLflow pyfunc receives); the checkpoint's normaliser is applied here, so
+    callers never see normalised units.
+    """
+
+    def __init__(self, ck: Checkpoint | str | Path, device=None) -> None:
+        self.ck = _as_checkpoint(ck)
+        self.prep = P.from_checkpoint(self.ck, _NoData())
+        self.device = device or pick_device()
+        self.precision = resolve_precision(self.ck.precision if self.ck.precision in ("bf16", "fp32") else "auto",
+                                           self.device)
+        self.model = self.ck.model.to(self.device).eval()
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.prep.task.output_names)
+
+    def __call__(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        want = (len(self.ck.leads), self.ck.n_samples)
+        if x.ndim != 3 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"input of shape {tuple(x.shape)}: this model takes (n, {want[0]} leads "
+                             f"[{','.join(self.ck.leads)}], {want[1]} samples at {self.ck.fs} Hz) in mV")
+        if not np.isfinite(x).all():
+            raise ValueError("input holds NaN or infinite samples")
+        outs = []
+        for i in range(0, len(x), batch_size):
+            xb = self.ck.norm.apply(x[i:i + batch_size]).astype(np.float32)
+            with torch.inference_mode(), autocast(self.device, self.precision):
+                outs.append(self.model(torch.from_numpy(xb).to(self.device)).float().cpu().numpy())
+        return P.decode(self.prep, np.concatenate(outs) if outs else np.zeros((0, len(self.output_names))))
+
+
 def predict_records(ck: Checkpoint | str | Path, paths) -> list[dict]:
     """Predictions for WFDB records of any rate and lead order: one dict per record.
 
@@ -94,11 +130,8 @@ def predict_records(ck: Checkpoint | str | Path, paths) -> list[dict]:
     """
     from ecgsearch.data.signal import pick_leads, read_any_record
 
-    ck = _as_checkpoint(ck)
-    prep_task = P.from_checkpoint(ck, _NoData())
-    device = pick_device()
-    precision = resolve_precision(ck.precision if ck.precision in ("bf16", "fp32") else "auto", device)
-    model = ck.model.to(device).eval()
+    predictor = Predictor(ck)
+    ck = predictor.ck
     rows = []
     for path in paths:
         x, fs, names = read_any_record(path)
@@ -106,16 +139,12 @@ def predict_records(ck: Checkpoint | str | Path, paths) -> list[dict]:
             x = pick_leads(x, names, ck.leads)
         except ValueError as exc:
             raise ValueError(f"record {path}: {exc}") from None
-        x = conform(x[None].astype(np.float32), fs, ck.fs, ck.n_samples)
-        x = ck.norm.apply(x).astype(np.float32)
-        with torch.no_grad(), autocast(device, precision):
-            out = model(torch.from_numpy(x).to(device)).float().cpu().numpy()
-        pred = P.decode(prep_task, out)[0]
+        pred = predictor(conform(x[None].astype(np.float32), fs, ck.fs, ck.n_samples))[0]
         row = {"record": str(path), "fs_in": int(fs)}
-        if prep_task.task.kind == "reconstruction":
+        if predictor.prep.task.kind == "reconstruction":
             row["reconstruction_shape"] = list(pred.shape)
         else:
-            row.update({name: float(v) for name, v in zip(prep_task.task.output_names, np.ravel(pred))})
+            row.update({name: float(v) for name, v in zip(predictor.output_names, np.ravel(pred))})
         rows.append(row)
     return rows
 

@@ -27,7 +27,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,7 @@ class RayTuneExecutor:
     gpus_per_trial: float | None = None
     max_concurrent: int | None = None
     address: str | None = None
+    runtime_env: dict = field(default_factory=dict)   # used when this driver joins or starts Ray
     name: str = "ray"
 
     def __post_init__(self) -> None:
@@ -286,7 +287,7 @@ class RayTuneExecutor:
 
         # Joins RAY_ADDRESS (e.g. under `ray job submit`) or starts a local Ray whose workers
         # import this working tree.
-        ensure_ray(ClusterSettings(address=self.address))
+        ensure_ray(ClusterSettings(address=self.address, runtime_env=self.runtime_env))
         self.plan = plan_trial_resources(self.workers_per_trial, self.gpus_per_trial, ray.cluster_resources(),
                                          cpus_per_worker=self.cpus_per_trial)
         self._batch = 0

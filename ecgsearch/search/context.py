@@ -64,10 +64,11 @@ class SearchSettings:
     executor: str = "ray"
     tracking_uri: str | None = None                        # None: $MLFLOW_TRACKING_URI or sqlite in OUT
     tracking: bool = True
-    experiment: str = "ecgsearch-lead-search"
+    experiment: str | None = None                         # None: ecgsearch-<task>, as studies
     baselines: bool = True
     resume: bool = False
     verbose: bool = False
+    runtime_env: dict[str, Any] = field(default_factory=dict)   # Ray runtime_env when joining a cluster
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -158,8 +159,13 @@ class SearchContext:
         self.out = settings.out
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = SearchState.open(self.out, fingerprint, settings.resume)
-        self.tracker: Tracker | NullTracker = make_tracker(settings.tracking_uri, settings.experiment, self.out,
-                                               settings.tracking)
+        experiment = settings.experiment or f"ecgsearch-{settings.task}"   # beside the task's studies
+        uri = settings.tracking_uri
+        if settings.tracking and not uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+            uri = self.state.info.get("tracking_uri")   # a resumed search logs where it began
+        self.tracker: Tracker | NullTracker = make_tracker(uri, experiment, self.out, settings.tracking)
+        if self.tracker.uri and self.state.info.get("tracking_uri") != self.tracker.uri:
+            self.state.set_info("tracking_uri", self.tracker.uri)
         # Ray's own output (trial tables, worker logs, raylet notices) goes to OUT/ray.log unless
         # --verbose; the console keeps the progress display and the search's summary lines.
         self._stack = contextlib.ExitStack()
@@ -171,7 +177,8 @@ class SearchContext:
                 self.executor = RayTuneExecutor(self.out / "tune", cpus_per_trial=settings.cpus_per_trial,
                                                 workers_per_trial=settings.workers_per_trial,
                                                 gpus_per_trial=settings.gpus_per_trial,
-                                                max_concurrent=settings.max_concurrent)
+                                                max_concurrent=settings.max_concurrent,
+                                                runtime_env=settings.runtime_env)
             else:
                 self.executor = LocalExecutor()
         except BaseException:

@@ -50,7 +50,7 @@ class _Tracked:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         status = "FINISHED" if exc_type is None else (
-            "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+            "KILLED" if issubclass(exc_type, (KeyboardInterrupt, SystemExit)) else "FAILED")
         for run in self.open.values():
             self.ctx.tracker.end(run, status, error=exc)
         self.ctx.tracker.end(self.run_id, status, error=exc)

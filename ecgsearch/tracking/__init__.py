@@ -10,7 +10,8 @@ tracker.py  `Tracker` (what callers use) and `NullTracker` (tracking disabled)
 
 API
 ---
-tracking_uri_for(out, uri=None) -> str    `uri`, else $MLFLOW_TRACKING_URI, else sqlite in OUT
+tracking_uri_for(uri=None, root=None) -> str   `uri`, else $MLFLOW_TRACKING_URI, else
+                                          sqlite:///<working directory>/mlflow.db (one store)
 preflight(uri)                            TrackingError naming the store and the fix, fast
 make_tracker(uri, experiment, out, enabled=True) -> Tracker | NullTracker   (preflight first)
 Tracker(uri, experiment, out)
@@ -45,10 +46,11 @@ __all__ = ["BACKLOG_FILE", "EXPERIMENT_KIND", "HTTP_BOUNDS", "NullTracker", "Rep
 
 
 def make_tracker(uri: str | None, experiment: str, out: str | Path, enabled: bool = True) -> NullTracker:
-    """`uri`, else $MLFLOW_TRACKING_URI, else sqlite in OUT; the no-op tracker when disabled.
+    """`uri`, else $MLFLOW_TRACKING_URI, else the working directory's mlflow.db; the no-op tracker
+    when disabled. OUT holds the tracker's backlog and spool, not the store.
     A store that does not answer fails here, before any training."""
     if not enabled:
         return NullTracker()
-    resolved = tracking_uri_for(out, uri)
+    resolved = tracking_uri_for(uri)
     preflight(resolved)
     return Tracker(resolved, experiment, out)

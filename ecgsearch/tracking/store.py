@@ -46,11 +46,17 @@ def bound_http_calls() -> None:
         os.environ.setdefault(key, value)
 
 
-def tracking_uri_for(out_dir: str | Path, uri: str | None = None) -> str:
-    """`uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///<out_dir>/mlflow.db`. File stores are refused."""
+DEFAULT_STORE = "mlflow.db"   # in the working directory: every command's default, one store, one UI
+
+
+def tracking_uri_for(uri: str | None = None, root: str | Path | None = None) -> str:
+    """`uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///<root>/mlflow.db` with `root` the working
+    directory: studies, lead searches, subsets and reconstructions run from one folder share one
+    store (artifacts beside it in mlartifacts/), which `mlflow ui` in that folder shows whole.
+    File stores are refused."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri is None:
-        return "sqlite:///" + str((Path(out_dir) / "mlflow.db").resolve())
+        return "sqlite:///" + str((Path.cwd() if root is None else Path(root)).resolve() / DEFAULT_STORE)
     scheme = uri.split(":", 1)[0].lower() if "://" in uri or uri.startswith("sqlite:") else ""
     if scheme in ("", "file"):
         raise TrackingError(f"tracking URI {uri!r} is a file store, which MLflow refuses; use "
@@ -260,7 +266,10 @@ class Store:
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None) -> None:
         if not Path(path).exists():
             raise FileNotFoundError(f"artifact {path} no longer exists")
-        self.client.log_artifact(run_id, path, artifact_path)
+        if Path(path).is_dir():   # a model folder: its files under artifact_path/
+            self.client.log_artifacts(run_id, path, artifact_path)
+        else:
+            self.client.log_artifact(run_id, path, artifact_path)
 
     def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
         self.client.log_dict(run_id, obj, artifact_file)
@@ -268,9 +277,11 @@ class Store:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
-    def register_model(self, run_id: str, artifact_path: str, name: str, tags: Mapping[str, str]) -> str:
-        """Register `<run artifacts>/<artifact_path>` as a version of `name`. Idempotent for the
-        same run, path and tags (a replayed backlog must not add a second version)."""
+    def register_model(self, run_id: str, artifact_path: str, name: str, tags: Mapping[str, str],
+                       alias: str | None = None) -> str:
+        """Register `<run artifacts>/<artifact_path>` as a version of `name` (and point `alias` at
+        it). Idempotent for the same run, path and tags (a replayed backlog must not add a second
+        version)."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -279,10 +290,15 @@ class Store:
             if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
                 raise
         source = self.client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
+        version = None
         for mv in self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
             if mv.source == source and all(mv.tags.get(k) == v for k, v in tags.items()):
-                return str(mv.version)
-        return str(self.client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags)).version)
+                version = str(mv.version)
+        if version is None:
+            version = str(self.client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags)).version)
+        if alias:
+            self.client.set_registered_model_alias(name, alias, version)
+        return version
 
 
 def now_ms() -> int:

@@ -110,7 +110,7 @@ class NullTracker:
         return None
 
     def register_model(self, run, artifact_path: str, name: str, tags: Mapping[str, Any] | None = None,
-                       wait_s: float = 60.0) -> str | None:
+                       wait_s: float = 60.0, alias: str | None = None) -> str | None:
         return None
 
     def flush(self, timeout_s: float = 30.0) -> bool:
@@ -287,11 +287,12 @@ class Tracker(NullTracker):
         call = self._submit("find", parent, experiment=self.experiment, name=run)
         return call.result if self.writer.wait(call, wait_s) else None
 
-    def register_model(self, run, artifact_path, name, tags=None, wait_s=60.0):
-        """Register `<run artifacts>/<artifact_path>` as a version of `name`; the version, or None
-        when not done within `wait_s` (the call stays queued; it is idempotent on replay)."""
+    def register_model(self, run, artifact_path, name, tags=None, wait_s=60.0, alias=None):
+        """Register `<run artifacts>/<artifact_path>` as a version of `name` (`alias`, e.g.
+        "champion", then points at it); the version, or None when not done within `wait_s` (the
+        call stays queued; it is idempotent on replay)."""
         call = self._submit("register_model", run, artifact_path=artifact_path, name=name,
-                            tags={k: str(v) for k, v in (tags or {}).items()})
+                            tags={k: str(v) for k, v in (tags or {}).items()}, alias=alias)
         return call.result if self.writer.wait(call, wait_s) else None
 
     def flush(self, timeout_s=30.0):
