@@ -281,3 +281,51 @@ def test_a_lost_node_mid_training_resumes_on_another_node(searches, tmp_path):
     result = drill["result"]
     assert {k: result[k] for k in TRAIN_KEYS} == pytest.approx({k: ref[k] for k in TRAIN_KEYS}, rel=1e-6)
     np.testing.assert_allclose(result["val_history"], ref["val_history"], rtol=1e-6)
+
+
+def test_each_lead_count_is_an_mlflow_model_reading_only_its_leads(searches, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ecgsearch.engine import Predictor
+
+    rle, out = searches["killed"], searches["tmp"] / "ray"
+    logged = rle["mlflow"]["models"]
+    assert set(logged) == {str(e["n_leads"]) for e in rle["by_n_leads"]} == {"2", "3"}
+    parent = rle["mlflow"]["parent_run_id"]
+    arts = {a.path for a in MlflowClient(searches["uri"]).list_artifacts(parent, "models/2-leads")}
+    assert "models/2-leads/MLmodel" in arts
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", searches["uri"])
+    model = mlflow.pyfunc.load_model(f"runs:/{parent}/models/2-leads")
+    meta = model.metadata.metadata["ecgsearch"]
+    assert meta["leads"] == ["AVL", "V2"] == rle["kept"] and meta["trained_on_leads"] == ["AVL", "V2"]
+    x = np.random.default_rng(0).normal(0, 0.3, (4, 2, meta["n_samples"])).astype(np.float32)
+    # retrain mode, one seed: the model trained on the kept pair, as the search scored it
+    ckpt = out / json.loads((out / "state.json").read_text())["results"]["train:AVL,V2@0"]["checkpoint"]
+    np.testing.assert_allclose(model.predict(x), Predictor(ckpt)(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="shape"):
+        model.predict(np.zeros((1, 3, meta["n_samples"]), np.float32))
+    # registered @champion only when a set is non-inferior to 12 leads (not claimed otherwise)
+    if rle["answer"]["leads"]:
+        assert rle["mlflow"]["model_uri"] == "models:/ecgsearch-superclass-mlresnet_tiny-leads@champion"
+    else:
+        assert "registered_model" not in rle["mlflow"]
+
+
+def test_a_subset_served_from_the_masked_model_equals_its_masked_output(searches):
+    """Eval mode's pyfunc reads only the kept leads; it must equal the 3-lead model with the third
+    lead's branch switched off."""
+    import torch
+
+    from ecgsearch.engine import Predictor, load_checkpoint
+
+    out = searches["tmp"] / "ray"
+    ckpt = out / json.loads((out / "state.json").read_text())["results"]["train:AVL,V2,V5@0"]["checkpoint"]
+    ck = load_checkpoint(ckpt)
+    x = np.random.default_rng(1).normal(0, 0.3, (3, 3, ck.n_samples)).astype(np.float32)
+    sub = Predictor(ck, keep=("V2", "AVL"))(x[:, :2])        # canonical order: AVL, V2
+    model = ck.model.eval()
+    xn = ck.norm.apply(x).astype(np.float32)
+    with torch.no_grad():
+        ref = torch.sigmoid(model(torch.from_numpy(xn), lead_mask=torch.tensor([True, True, False]))).numpy()
+    np.testing.assert_allclose(sub, ref, rtol=1e-5, atol=1e-6)

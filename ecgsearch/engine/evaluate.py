@@ -11,7 +11,7 @@ from ecgsearch.engine.checkpoint import Checkpoint, load_checkpoint
 from ecgsearch.engine.inputs import conform
 from ecgsearch.engine.runtime import autocast, pick_device, resolve_precision
 from ecgsearch.engine.train import open_data
-from ecgsearch.leads import parse_leads
+from ecgsearch.leads import lead_indices, parse_leads
 from ecgsearch.metrics import f1_max_thresholds, operating_point_metrics
 from ecgsearch.tasks import get_task
 
@@ -89,18 +89,26 @@ def operating_points(ck: Checkpoint | str | Path, data, split: str = "test", *, 
 class Predictor:
     """A checkpoint ready to serve: raw mV in, decoded outputs out (probabilities, years, or mV).
 
-    `__call__` takes (n, leads, samples) float mV already in the model's lead order, rate and
-    length (what an MLflow pyfunc receives); the checkpoint's normaliser is applied here, so
-    callers never see normalised units.
+    `__call__` takes (n, leads, samples) float mV already in the input lead order, rate and length
+    (what an MLflow pyfunc receives); the checkpoint's normaliser is applied here, so callers never
+    see normalised units. `keep`: serve the model on a subset of its leads, as the lead search
+    scored it: ML-ResNet skips the other branches, other models see those leads at their training
+    mean (0 after normalisation). The input then holds only the `keep` leads.
     """
 
-    def __init__(self, ck: Checkpoint | str | Path, device=None) -> None:
+    def __init__(self, ck: Checkpoint | str | Path, device=None, keep=None) -> None:
         self.ck = _as_checkpoint(ck)
         self.prep = P.from_checkpoint(self.ck, _NoData())
-        self.device = device or pick_device()
+        self.device = torch.device(device) if device is not None else pick_device()
         self.precision = resolve_precision(self.ck.precision if self.ck.precision in ("bf16", "fp32") else "auto",
                                            self.device)
         self.model = self.ck.model.to(self.device).eval()
+        self.leads = tuple(self.ck.leads) if keep is None else tuple(parse_leads(keep))
+        self.pos = lead_indices(self.leads, self.ck.leads)   # errors name leads the model lacks
+        self.mask = None
+        if len(self.pos) < len(self.ck.leads) and hasattr(self.model, "select_leads"):
+            self.mask = torch.zeros(len(self.ck.leads), dtype=torch.bool)
+            self.mask[self.pos] = True
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -108,17 +116,21 @@ class Predictor:
 
     def __call__(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
-        want = (len(self.ck.leads), self.ck.n_samples)
+        want = (len(self.leads), self.ck.n_samples)
         if x.ndim != 3 or tuple(x.shape[1:]) != want:
             raise ValueError(f"input of shape {tuple(x.shape)}: this model takes (n, {want[0]} leads "
-                             f"[{','.join(self.ck.leads)}], {want[1]} samples at {self.ck.fs} Hz) in mV")
+                             f"[{','.join(self.leads)}], {want[1]} samples at {self.ck.fs} Hz) in mV")
         if not np.isfinite(x).all():
             raise ValueError("input holds NaN or infinite samples")
+        mean, std = self.ck.norm.mean[self.pos, None], self.ck.norm.std[self.pos, None]
         outs = []
         for i in range(0, len(x), batch_size):
-            xb = self.ck.norm.apply(x[i:i + batch_size]).astype(np.float32)
+            xb = np.zeros((len(x[i:i + batch_size]), len(self.ck.leads), want[1]), dtype=np.float32)
+            xb[:, self.pos] = (x[i:i + batch_size] - mean) / std
+            xt = torch.from_numpy(xb).to(self.device)
             with torch.inference_mode(), autocast(self.device, self.precision):
-                outs.append(self.model(torch.from_numpy(xb).to(self.device)).float().cpu().numpy())
+                out = self.model(xt) if self.mask is None else self.model(xt, lead_mask=self.mask.to(self.device))
+            outs.append(out.float().cpu().numpy())
         return P.decode(self.prep, np.concatenate(outs) if outs else np.zeros((0, len(self.output_names))))
 
 

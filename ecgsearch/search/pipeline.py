@@ -206,6 +206,10 @@ def run_rle(s: SearchSettings, reconstruct: dict[str, Any] | None = None) -> dic
             metric = rec["classifier_metric"]
             tr.log_metrics(parent, {"recon_mean_r": rec["reconstruction"]["mean_r"],
                                     **{f"recon_{k}_{metric}": v[metric] for k, v in rec["classifier_test"].items()}})
+        if tr.enabled:
+            from ecgsearch.search.models import log_lead_count_models
+
+            result["mlflow"].update(log_lead_count_models(ctx, parent, by_n, set_units, ans))
         write_rle(s.out, result)
         write_json(s.out / "noninferiority.json", clean({"answer": ans, "noninferiority": noninf}))
         plots = plot_all(clean(result), s.out)

@@ -3,12 +3,15 @@
 Input: raw mV, float32, shaped (n, leads, samples) in the model's lead order, rate and length
 (the signature says which; `metadata` carries leads, rate, length and the normaliser too).
 Output: what `ecgsearch predict` prints: per-class probabilities (multi-label tasks), years (age),
-or rebuilt mV (reconstruction). The model folder holds the ecgsearch checkpoint itself, so
-`ecgsearch evaluate/predict --checkpoint <folder>/artifacts/model.ckpt` reads the same weights.
+or rebuilt mV (reconstruction). The model folder holds the ecgsearch checkpoints themselves
+(`artifacts/model.ckpt`, or `seed<i>.ckpt` for a seed ensemble), which `ecgsearch evaluate` and
+`predict --checkpoint` read too.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -22,66 +25,107 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*Any type hint is inferred as AnyType", category=UserWarning)
     import mlflow.pyfunc
 
+log = logging.getLogger("ecgsearch.tracking")
 CHAMPION = "champion"    # registry alias of the best model of a study or a search
 
 
+_QUIET = (".*Add type hints to the `predict` method",     # our input is a tensor: the signature says so
+          ".*input example was not provided")             # the signature is given explicitly
+
+
+def _quiet() -> warnings.catch_warnings:
+    """MLflow's advice for models built another way, off the user's console: into our log. (Filters
+    alone do not hold: MLflow re-enables these warnings inside its own wrappers.)"""
+    w = warnings.catch_warnings()
+    w.__enter__()
+    for message in _QUIET:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    warnings.showwarning = lambda message, category, *a, **k: log.debug("mlflow: %s", message)
+    return w
+
+
+_w = _quiet()   # MLflow checks a PythonModel subclass's type hints when the class is created
+
+
 class ECGModel(mlflow.pyfunc.PythonModel):
-    """Loads the bundled checkpoint once; `predict` is `engine.Predictor` on the given array."""
+    """Loads the bundled checkpoints once; `predict` is `engine.Predictor` on the given array, the
+    mean over the checkpoints when there are several (a lead search's seeds: its seed ensemble)."""
 
     def load_context(self, context) -> None:
         from ecgsearch.engine import Predictor
 
-        self._predictor = Predictor(context.artifacts["checkpoint"])
+        keep = (context.model_config or {}).get("keep")
+        names = sorted(k for k in context.artifacts if k.startswith("checkpoint"))
+        self._predictors = [Predictor(context.artifacts[k], keep=keep) for k in names]
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         x = model_input.to_numpy() if hasattr(model_input, "to_numpy") else np.asarray(model_input)
-        return self._predictor(x.astype(np.float32, copy=False))
+        x = x.astype(np.float32, copy=False)
+        return np.mean([p(x) for p in self._predictors], axis=0).astype(np.float32)
 
 
-def describe(ck) -> dict[str, Any]:
+_w.__exit__(None, None, None)
+
+
+def describe(ck, keep=None) -> dict[str, Any]:
     """What a user needs to feed the model: leads, rate, length, units, normaliser, outputs."""
     from ecgsearch.engine import Predictor
 
-    pred = Predictor(ck, device="cpu")
+    pred = Predictor(ck, device="cpu", keep=keep)
     c = pred.ck
-    return {"leads": list(c.leads), "fs": int(c.fs), "n_samples": int(c.n_samples), "units": "mV",
-            "input": f"float32 (n, {len(c.leads)}, {c.n_samples})", "task": c.cfg.task, "model": c.cfg.model,
+    return {"leads": list(pred.leads), "fs": int(c.fs), "n_samples": int(c.n_samples), "units": "mV",
+            "input": f"float32 (n, {len(pred.leads)}, {c.n_samples})", "task": c.cfg.task, "model": c.cfg.model,
+            "trained_on_leads": list(c.leads),
             "outputs": list(pred.output_names),
-            "normaliser": {"mean": [float(v) for v in c.norm.mean], "std": [float(v) for v in c.norm.std]},
+            "normaliser": {"leads": list(c.leads), "mean": [float(v) for v in c.norm.mean],
+                           "std": [float(v) for v in c.norm.std]},
             "thresholds": {k: float(v) for k, v in (c.thresholds or {}).items()},
             "val_score": float(c.score), "epoch": int(c.epoch)}
 
 
-def save_pyfunc(checkpoint: str | Path, dest: str | Path) -> Path:
-    """Write `dest` (replaced if present) as an MLflow pyfunc model folder around `checkpoint`."""
+def save_pyfunc(checkpoints, dest: str | Path, keep=None) -> Path:
+    """Write `dest` (replaced if present) as an MLflow pyfunc model folder around one checkpoint or
+    several (their mean: a seed ensemble of one architecture), optionally on a subset `keep` of
+    their leads."""
     import torch
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
     from ecgsearch.engine import Predictor, load_checkpoint
 
-    ck = load_checkpoint(checkpoint)
-    meta = describe(ck)
-    example = np.zeros((1, len(ck.leads), ck.n_samples), dtype=np.float32)
+    paths = [Path(checkpoints)] if isinstance(checkpoints, (str, Path)) else [Path(c) for c in checkpoints]
+    ck = load_checkpoint(paths[0])
+    meta = {**describe(ck, keep), "ensemble_of": len(paths)}
+    example = np.zeros((1, len(meta["leads"]), ck.n_samples), dtype=np.float32)
     with torch.inference_mode():
-        out = Predictor(ck, device="cpu")(example)
+        out = Predictor(ck, device="cpu", keep=keep)(example)
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]))
     dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
     with tempfile.TemporaryDirectory() as tmp:
-        # The artifact keeps its file name, so the folder holds a plain `model.ckpt`.
-        staged = Path(tmp) / "model.ckpt"
-        shutil.copyfile(checkpoint, staged)
-        # code_paths: the model folder carries this package, so it loads where ecgsearch is not installed.
-        with warnings.catch_warnings():
-            # The signature is given explicitly; MLflow still asks for an input example.
-            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
-            mlflow.pyfunc.save_model(str(dest), python_model=ECGModel(), artifacts={"checkpoint": str(staged)},
+        artifacts = {}
+        for i, path in enumerate(paths):
+            # Each artifact keeps its file name: the folder holds plain ecgsearch checkpoints.
+            staged = Path(tmp) / (f"seed{i}.ckpt" if len(paths) > 1 else "model.ckpt")
+            shutil.copyfile(path, staged)
+            artifacts[f"checkpoint{i:02d}" if len(paths) > 1 else "checkpoint"] = str(staged)
+        quiet, bar = _quiet(), os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        # no "Downloading artifacts" bars on the user's console (MLflow copies artifacts with them)
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        try:
+            mlflow.pyfunc.save_model(str(dest), python_model=ECGModel(), artifacts=artifacts,
                                      signature=signature, metadata={"ecgsearch": meta},
+                                     model_config={"keep": list(meta["leads"]) if keep is not None else None},
                                      code_paths=[str(Path(__file__).resolve().parents[1])],
                                      pip_requirements=_requirements())
+        finally:
+            quiet.__exit__(None, None, None)
+            if bar is None:
+                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+            else:
+                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
     (dest / "ecgsearch.json").write_text(json.dumps(meta, indent=1) + "\n")
     return dest
 
