@@ -13,14 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from ecgsearch.distributed.cluster import _free_port
+
 BIN = Path(sys.executable).parent
 MLFLOW = BIN / "mlflow"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

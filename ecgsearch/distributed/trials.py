@@ -30,6 +30,12 @@ def trial_resources(kind: str, cpus: float = 1.0, gpus: float = 0.0) -> dict[str
     return res
 
 
+def _trainable(fn: Callable[..., None], static: dict[str, Any], kind: str, cpus: float, gpus: float):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(fn, **static), trial_resources(kind, cpus, gpus))
+
+
 def build_tuner(fn: Callable[..., None], static: dict[str, Any], *, kind: str, name: str, storage_path: str,
                 param_space: dict[str, Any], tune_config: Any, callbacks: Sequence[Any] = (),
                 verbose: int = 0, cpus: float = 1.0, gpus: float = 0.0):
@@ -37,9 +43,8 @@ def build_tuner(fn: Callable[..., None], static: dict[str, Any], *, kind: str, n
     `storage_path/name` (a deterministic name: the same study or batch resumes under it)."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(fn, **static), trial_resources(kind, cpus, gpus))
     return tune.Tuner(
-        trainable, param_space=param_space, tune_config=tune_config,
+        _trainable(fn, static, kind, cpus, gpus), param_space=param_space, tune_config=tune_config,
         run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                                   verbose=verbose,
                                   failure_config=tune.FailureConfig(
@@ -51,5 +56,5 @@ def restore_tuner(fn: Callable[..., None], static: dict[str, Any], *, kind: str,
     """The Tuner of an interrupted study at `path`, continuing its unfinished and errored trials."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(fn, **static), trial_resources(kind, cpus, gpus))
-    return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner.restore(path, _trainable(fn, static, kind, cpus, gpus), resume_unfinished=True,
+                              resume_errored=True)

@@ -9,6 +9,7 @@ or rebuilt mV (reconstruction). The model folder holds the ecgsearch checkpoints
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,45 +34,38 @@ _QUIET = (".*Add type hints to the `predict` method",     # our input is a tenso
           ".*input example was not provided")             # the signature is given explicitly
 
 
-def _quiet() -> warnings.catch_warnings:
+@contextlib.contextmanager
+def _quiet():
     """MLflow's advice for models built another way, off the user's console: into our log. (Filters
     alone do not hold: MLflow re-enables these warnings inside its own wrappers.)"""
-    w = warnings.catch_warnings()
-    w.__enter__()
-    for message in _QUIET:
-        warnings.filterwarnings("ignore", message=message, category=UserWarning)
-    warnings.showwarning = lambda message, category, *a, **k: log.debug("mlflow: %s", message)
-    return w
+    with warnings.catch_warnings():
+        for message in _QUIET:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        warnings.showwarning = lambda message, category, *a, **k: log.debug("mlflow: %s", message)
+        yield
 
 
-_w = _quiet()   # MLflow checks a PythonModel subclass's type hints when the class is created
+# MLflow checks a PythonModel subclass's type hints when the class is created.
+with _quiet():
+    class ECGModel(mlflow.pyfunc.PythonModel):
+        """Loads the bundled checkpoints once; `predict` is `engine.Predictor` on the given array, the
+        mean over the checkpoints when there are several (a lead search's seeds: its seed ensemble)."""
+
+        def load_context(self, context) -> None:
+            from ecgsearch.engine import Predictor
+
+            keep = (context.model_config or {}).get("keep")
+            names = sorted(k for k in context.artifacts if k.startswith("checkpoint"))
+            self._predictors = [Predictor(context.artifacts[k], keep=keep) for k in names]
+
+        def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+            x = model_input.to_numpy() if hasattr(model_input, "to_numpy") else np.asarray(model_input)
+            x = x.astype(np.float32, copy=False)
+            return np.mean([p(x) for p in self._predictors], axis=0).astype(np.float32)
 
 
-class ECGModel(mlflow.pyfunc.PythonModel):
-    """Loads the bundled checkpoints once; `predict` is `engine.Predictor` on the given array, the
-    mean over the checkpoints when there are several (a lead search's seeds: its seed ensemble)."""
-
-    def load_context(self, context) -> None:
-        from ecgsearch.engine import Predictor
-
-        keep = (context.model_config or {}).get("keep")
-        names = sorted(k for k in context.artifacts if k.startswith("checkpoint"))
-        self._predictors = [Predictor(context.artifacts[k], keep=keep) for k in names]
-
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
-        x = model_input.to_numpy() if hasattr(model_input, "to_numpy") else np.asarray(model_input)
-        x = x.astype(np.float32, copy=False)
-        return np.mean([p(x) for p in self._predictors], axis=0).astype(np.float32)
-
-
-_w.__exit__(None, None, None)
-
-
-def describe(ck, keep=None) -> dict[str, Any]:
-    """What a user needs to feed the model: leads, rate, length, units, normaliser, outputs."""
-    from ecgsearch.engine import Predictor
-
-    pred = Predictor(ck, device="cpu", keep=keep)
+def describe(pred) -> dict[str, Any]:
+    """What a user needs to feed an `engine.Predictor`: leads, rate, length, units, normaliser, outputs."""
     c = pred.ck
     return {"leads": list(pred.leads), "fs": int(c.fs), "n_samples": int(c.n_samples), "units": "mV",
             "input": f"float32 (n, {len(pred.leads)}, {c.n_samples})", "task": c.cfg.task, "model": c.cfg.model,
@@ -91,14 +85,14 @@ def save_pyfunc(checkpoints, dest: str | Path, keep=None) -> Path:
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    from ecgsearch.engine import Predictor, load_checkpoint
+    from ecgsearch.engine import Predictor
 
     paths = [Path(checkpoints)] if isinstance(checkpoints, (str, Path)) else [Path(c) for c in checkpoints]
-    ck = load_checkpoint(paths[0])
-    meta = {**describe(ck, keep), "ensemble_of": len(paths)}
-    example = np.zeros((1, len(meta["leads"]), ck.n_samples), dtype=np.float32)
+    pred = Predictor(paths[0], device="cpu", keep=keep)
+    meta = {**describe(pred), "ensemble_of": len(paths)}
+    example = np.zeros((1, len(meta["leads"]), pred.ck.n_samples), dtype=np.float32)
     with torch.inference_mode():
-        out = Predictor(ck, device="cpu", keep=keep)(example)
+        out = pred(example)
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]))
     dest = Path(dest)
@@ -111,17 +105,17 @@ def save_pyfunc(checkpoints, dest: str | Path, keep=None) -> Path:
             staged = Path(tmp) / (f"seed{i}.ckpt" if len(paths) > 1 else "model.ckpt")
             shutil.copyfile(path, staged)
             artifacts[f"checkpoint{i:02d}" if len(paths) > 1 else "checkpoint"] = str(staged)
-        quiet, bar = _quiet(), os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
         # no "Downloading artifacts" bars on the user's console (MLflow copies artifacts with them)
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
         try:
-            mlflow.pyfunc.save_model(str(dest), python_model=ECGModel(), artifacts=artifacts,
-                                     signature=signature, metadata={"ecgsearch": meta},
-                                     model_config={"keep": list(meta["leads"]) if keep is not None else None},
-                                     code_paths=[str(Path(__file__).resolve().parents[1])],
-                                     pip_requirements=_requirements())
+            with _quiet():
+                mlflow.pyfunc.save_model(str(dest), python_model=ECGModel(), artifacts=artifacts,
+                                         signature=signature, metadata={"ecgsearch": meta},
+                                         model_config={"keep": list(meta["leads"]) if keep is not None else None},
+                                         code_paths=[str(Path(__file__).resolve().parents[1])],
+                                         pip_requirements=_requirements())
         finally:
-            quiet.__exit__(None, None, None)
             if bar is None:
                 os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
             else:
