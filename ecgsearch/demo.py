@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = rle["kept"]
     run("reconstruct 12 leads", ["reconstruct", "--data", str(cache), "--leads", ",".join(kept),
                                  "--classifier", str(out / "resnet12" / "model.ckpt"), "--model", z["recon_model"],
-                                 "--epochs", str(z["recon_epochs"]),
+                                 "--epochs", str(z["recon_epochs"]), "--tracking-uri", uri,
                                  "--out", str(out / "reconstruct")])
     ok = set(PLANTED.split(",")) <= set(kept)
     print(f"\nplanted informative leads: {PLANTED}; RLE kept: {','.join(kept)} "

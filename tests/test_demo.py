@@ -34,3 +34,11 @@ def test_quick_demo_keeps_the_planted_leads_and_answers(ray_session, tmp_path, c
     assert "(pid=" not in text and "Trial status" not in text and "TensorBoard" not in text
     assert (out / "rle" / "ray.log").stat().st_size > 0
     assert (out / "mlflow.db").is_file() and (out / "reconstruct" / "reconstruct.json").is_file()
+    # one store, one experiment: the study, the lead search and the reconstruction side by side
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("ecgsearch-rhythm")
+    kinds = {r.data.tags.get("kind") for r in c.search_runs([exp.experiment_id])
+             if "mlflow.parentRunId" not in r.data.tags}
+    assert {"study", "search", "reconstruction"} <= kinds, kinds

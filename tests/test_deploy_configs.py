@@ -68,6 +68,67 @@ def test_mlflow_server_on_postgres_and_s3_behind_a_clusterip_service():
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
+# Kubernetes schema version checked against (kubernetes-validate bundles the core schemas).
+K8S_VERSION = "1.33.0"
+# KubeRay v1 CRD fields (ray.io/v1): a misspelt key is dropped by the API server with a warning,
+# so a typo here would silently lose a setting on a real cluster.
+KUBERAY_FIELDS = {
+    "RayCluster.spec": {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
+                        "workerGroupSpecs", "headServiceAnnotations", "suspend", "managedBy",
+                        "gcsFaultToleranceOptions", "upgradeStrategy"},
+    "headGroupSpec": {"rayStartParams", "template", "serviceType", "headService", "enableIngress"},
+    "workerGroupSpecs": {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template",
+                         "scaleStrategy", "numOfHosts", "suspend", "idleTimeoutSeconds"},
+    "RayJob.spec": {"entrypoint", "runtimeEnvYAML", "rayClusterSpec", "clusterSelector", "submitterPodTemplate",
+                    "submitterConfig", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
+                    "activeDeadlineSeconds", "backoffLimit", "submissionMode", "suspend", "entrypointNumCpus",
+                    "entrypointNumGpus", "entrypointResources", "jobId", "metadata", "deletionStrategy",
+                    "managedBy"},
+}
+
+
+def _pod_templates(doc: dict) -> list[dict]:
+    spec = doc["spec"]
+    if doc["kind"] == "RayCluster":
+        return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    if doc["kind"] == "RayJob":
+        return [spec["submitterPodTemplate"]]
+    return []
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "mlflow.yaml"])
+def test_manifests_validate_against_the_kubernetes_and_kuberay_schemas(name):
+    """Core kinds and every pod template inside a KubeRay resource against Kubernetes' own schemas
+    (strict: unknown fields fail); KubeRay's own fields against its v1 field names."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the test extra")
+    for doc in _docs(K8S / name):
+        kind = doc["kind"]
+        if kind in ("RayCluster", "RayJob"):
+            assert doc["apiVersion"] == "ray.io/v1", kind
+            assert set(doc["spec"]) <= KUBERAY_FIELDS[f"{kind}.spec"], set(doc["spec"]) - KUBERAY_FIELDS[f"{kind}.spec"]
+            if kind == "RayCluster":
+                groups = [("headGroupSpec", doc["spec"]["headGroupSpec"])] + \
+                         [("workerGroupSpecs", g) for g in doc["spec"]["workerGroupSpecs"]]
+                for field, group in groups:
+                    assert set(group) <= KUBERAY_FIELDS[field], (field, set(group) - KUBERAY_FIELDS[field])
+                    # KubeRay's rayStartParams is map[string]string: a YAML number is refused
+                    assert all(isinstance(v, str) for v in group["rayStartParams"].values()), group["rayStartParams"]
+            for template in _pod_templates(doc):
+                kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"},
+                             "template": template}, K8S_VERSION, strict=True)
+        else:
+            kv.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_the_schema_check_catches_a_misspelt_field():
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the test extra")
+    (deploy, _) = _docs(K8S / "mlflow.yaml")
+    deploy["spec"]["template"]["spec"]["containers"][0]["imagee"] = deploy["spec"]["template"]["spec"][
+        "containers"][0].pop("image")
+    with pytest.raises(kv.ValidationError, match="imagee"):
+        kv.validate(deploy, K8S_VERSION, strict=True)
+
+
 def test_cluster_yaml_is_safe_to_bring_up():
     doc = yaml.safe_load((REPO / "cluster" / "cluster.yaml").read_text())
     starts = doc["head_start_ray_commands"] + doc["worker_start_ray_commands"]

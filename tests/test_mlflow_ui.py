@@ -31,6 +31,7 @@ def test_the_lead_search_experiment_shows_the_three_lead_subsets_in_the_training
     exp = c.get_experiment_by_name("ecgsearch-superclass")
     names = sorted(r.info.run_name for r in c.search_runs([exp.experiment_id], filter_string=FILTER))
     assert len(names) == 4 and all(n.startswith("subset-") for n in names), names
+    check_best_subset_model(sub, uri, cache, tmp_path / "sub")
 
     server = MlflowServer(tmp_path)
     server.start()
@@ -71,3 +72,32 @@ def test_the_lead_search_experiment_shows_the_three_lead_subsets_in_the_training
     # the training view's navigation (runs, models, registry), not the GenAI one (sessions, judges)
     assert "Model registry" in text and "Judges" not in text and "Sessions" not in text
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def check_best_subset_model(sub: dict, uri: str, cache, out) -> None:
+    """The best-ranked subset's model is an MLflow model on the search's parent run that reads raw mV
+    of its three leads exactly as the search scored it (the pool's model reading only those leads)."""
+    from pathlib import Path
+
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    import numpy as np
+
+    from ecgsearch.data.cache import load_cache
+    from ecgsearch.engine import Predictor
+    from ecgsearch.leads import LEADS
+
+    best = sub["ranking"][0]
+    entry = sub["mlflow"]["models"]["3"]
+    assert entry["leads"] == best["leads"] and entry["artifact"] == "models/3-leads"
+    model = mlflow.pyfunc.load_model(mlflow.artifacts.download_artifacts(
+        run_id=sub["mlflow"]["parent_run_id"], artifact_path=entry["artifact"], tracking_uri=uri))
+    meta = model.metadata.metadata["ecgsearch"]
+    assert meta["leads"] == best["leads"]
+    x = load_cache(cache).signals_mv(np.arange(3))[:, [LEADS.index(k) for k in best["leads"]], :meta["n_samples"]]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ckpt = Path(out) / entry["folder"] / "artifacts" / "model.ckpt"     # one seed: the ensemble is one model
+    own = Predictor(ckpt, device="cpu", keep=best["leads"])
+    np.testing.assert_allclose(model.predict(x), own(x), rtol=1e-5, atol=1e-6)
+    assert ("registered_model" in sub["mlflow"]) == best["noninferiority"]["noninferior"]

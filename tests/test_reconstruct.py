@@ -10,6 +10,7 @@ import pytest
 
 from ecgsearch.cli import main
 from ecgsearch.data.cache import load_cache
+from ecgsearch.data.signal import pad_or_crop
 from ecgsearch.engine import TrainConfig, evaluate, train
 from ecgsearch.engine import prep as P
 from ecgsearch.leads import LEADS
@@ -120,9 +121,11 @@ def test_reconstruct_cli_reports_per_lead_fidelity_and_three_classifier_readings
     dest = out / "cli"
     rc = main(["reconstruct", "--data", str(cache), "--leads", "V2,I,II", "--classifier", str(clf),
                "--model", "uresnet_tiny", "--epochs", "3", "--set", "batch_size=32", "--set", "threads=1",
-               "--set", "precision=fp32", "--bootstrap", "20", "--out", str(dest)])
+               "--set", "precision=fp32", "--bootstrap", "20", "--out", str(dest),
+               "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"])
     assert rc == 0
     res = json.loads((dest / "reconstruct.json").read_text())
+    check_reconstruction_run(res, cache)
     assert res["leads"] == list(KEPT) and res["classifier_metric"] == "macro_auprc"
     rec = res["reconstruction"]
     built = [x for x in LEADS if x not in KEPT]
@@ -160,6 +163,35 @@ def test_reconstruct_cli_reports_per_lead_fidelity_and_three_classifier_readings
     assert main(["reconstruct", "--data", str(cache), "--leads", "I,II", "--classifier", str(out / "nope.ckpt"),
                  "--out", str(dest / "x")]) == 2
     assert "--classifier" in capsys.readouterr().err
+
+
+def check_reconstruction_run(res: dict, cache) -> None:
+    """One FINISHED run beside the classifier's studies: fidelity metrics, the reports, and the
+    U-ResNet as an MLflow model that rebuilds 12 leads from raw mV of the kept ones."""
+    import mlflow.artifacts
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    from ecgsearch.engine import Predictor
+
+    c = MlflowClient(res["mlflow"]["tracking_uri"])
+    run = c.get_run(res["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "reconstruct-I,II,V2-uresnet_tiny"
+    assert c.get_experiment(run.info.experiment_id).name == "ecgsearch-superclass"
+    assert run.data.tags["kind"] == "reconstruction" and run.data.params["n_leads"] == "3"
+    assert run.data.metrics["recon_mean_r"] == pytest.approx(res["reconstruction"]["mean_r"])
+    assert run.data.metrics["recon_rebuilt_12_macro_auprc"] == pytest.approx(
+        res["classifier_test"]["rebuilt_12"]["macro_auprc"])
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"reconstruct.json", "reconstruct.md", "models"}
+    model = mlflow.pyfunc.load_model(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="models/reconstruct", tracking_uri=res["mlflow"]["tracking_uri"]))
+    pred = Predictor(res["checkpoint"], device="cpu")
+    data = load_cache(cache)
+    x = data.signals_mv(np.arange(4))[:, [LEADS.index(k) for k in KEPT]].astype(np.float32)
+    x = np.ascontiguousarray(pad_or_crop(x, pred.ck.n_samples), dtype=np.float32)   # the model's geometry
+    y = model.predict(x)
+    assert y.shape[:2] == (4, 12)
+    np.testing.assert_allclose(y, pred(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

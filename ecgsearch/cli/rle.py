@@ -90,6 +90,9 @@ def register(sub) -> None:
     r.add_argument("--epochs", type=int)
     r.add_argument("--bootstrap", type=int, help="bootstrap resamples for CIs (default: the config's)")
     r.add_argument("--out", default="runs/reconstruct")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    r.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
+    r.add_argument("--experiment", help="MLflow experiment (default: ecgsearch-<the classifier's task>)")
     r.set_defaults(func=cmd_reconstruct)
 
 
@@ -213,17 +216,25 @@ def cmd_subsets(args: argparse.Namespace) -> int:
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from ecgsearch.search.recon_report import reconstruction_markdown
-    from ecgsearch.search.report import clean
-    from ecgsearch.search.reconstruct import ReconstructSettings, run_reconstruct
-    from ecgsearch.search.state import write_json
+    from ecgsearch.search.reconstruct import ReconstructSettings, reconstruct_tracked
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
     rs = ReconstructSettings(data=args.data, leads=parse_leads(args.leads), classifier=args.classifier, out=out,
-                             model=args.model, base=_base_config(args), bootstrap=args.bootstrap)
-    result = clean(run_reconstruct(rs))
-    write_json(out / "reconstruct.json", result)
-    (out / "reconstruct.md").write_text(reconstruction_markdown(result))
+                             model=args.model, base=_base_config(args), bootstrap=args.bootstrap,
+                             tracking=not args.no_tracking, tracking_uri=args.tracking_uri,
+                             experiment=args.experiment)
+    previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+    try:
+        result = reconstruct_tracked(rs)
+    except KeyboardInterrupt as exc:
+        print(f"ecgsearch reconstruct: interrupted ({exc or 'Ctrl-C'})", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(reconstruction_markdown(result))
     print(f"wrote {out / 'reconstruct.json'} and {out / 'reconstruct.md'}")
+    if result.get("mlflow", {}).get("run_id"):
+        print(f"MLflow run {result['mlflow']['run_id']} at {result['mlflow']['tracking_uri']} "
+              f"(the U-ResNet as an MLflow model: {result['mlflow']['model_artifact']})")
     return 0

@@ -1,5 +1,6 @@
-"""A lead search's models as MLflow models: one per lead count on the elimination path, the seed
-ensemble its figures describe, reading only that count's leads; the answer registered @champion.
+"""A lead search's models as MLflow models: one per lead count on the elimination path (RLE) or the
+best-ranked k-subset (subsets), the seed ensemble its figures describe, reading only those leads;
+the answer registered @champion.
 
 Retrain mode: the models trained on each lead set. Eval mode: the one masked model reading the
 set's leads (ML-ResNet skips the other branches), exactly as the search scored it.
@@ -16,9 +17,10 @@ log = logging.getLogger("ecgsearch.search")
 
 
 def log_lead_count_models(ctx, parent, by_n: Sequence[dict], set_units: Callable[[Any], list[dict]],
-                          ans: dict) -> dict[str, Any]:
-    """Save and log `models/<n>-leads` per lead count; register the answer's set. Returns what was
-    logged and registered (for rle.json)."""
+                          ans: dict, name: str) -> dict[str, Any]:
+    """Save and log `models/<n>-leads` per lead count; register the answer's set (ans: {"leads",
+    "n_leads"}, or no leads when none is non-inferior) as `name`@champion. Returns what was logged
+    and registered (for rle.json / subsets.json)."""
     from ecgsearch.tracking.pyfunc import CHAMPION, save_pyfunc
 
     s, tr = ctx.s, ctx.tracker
@@ -34,7 +36,6 @@ def log_lead_count_models(ctx, parent, by_n: Sequence[dict], set_units: Callable
                                             "folder": str(dest.relative_to(s.out))}
     if ans.get("leads") and str(ans["n_leads"]) in out["models"] and \
             leads_key(out["models"][str(ans["n_leads"])]["leads"]) == leads_key(ans["leads"]):
-        name = f"ecgsearch-{s.task}-{s.model}-leads"
         entry = out["models"][str(ans["n_leads"])]
         version = tr.register_model(parent, entry["artifact"], name, wait_s=120, alias=CHAMPION,
                                     tags={"leads": leads_key(ans["leads"]), "n_leads": ans["n_leads"],

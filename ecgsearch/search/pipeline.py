@@ -202,14 +202,15 @@ def run_rle(s: SearchSettings, reconstruct: dict[str, Any] | None = None) -> dic
             "units_run_here": list(ctx.ran),
         }
         if reconstruct is not None:
+            from ecgsearch.search.reconstruct import log_reconstruction
+
             rec = result["reconstruction"] = _reconstruct(ctx, kept, reconstruct)
-            metric = rec["classifier_metric"]
-            tr.log_metrics(parent, {"recon_mean_r": rec["reconstruction"]["mean_r"],
-                                    **{f"recon_{k}_{metric}": v[metric] for k, v in rec["classifier_test"].items()}})
+            result["mlflow"]["reconstruction"] = log_reconstruction(tr, parent, rec, s.out / "reconstruct")
         if tr.enabled:
             from ecgsearch.search.models import log_lead_count_models
 
-            result["mlflow"].update(log_lead_count_models(ctx, parent, by_n, set_units, ans))
+            result["mlflow"].update(log_lead_count_models(ctx, parent, by_n, set_units, ans,
+                                                          f"ecgsearch-{s.task}-{s.model}-leads"))
         write_rle(s.out, result)
         write_json(s.out / "noninferiority.json", clean({"answer": ans, "noninferiority": noninf}))
         plots = plot_all(clean(result), s.out)
@@ -363,6 +364,15 @@ def run_subsets(s: SearchSettings, k: int, pool=None, rle_dir: str | Path | None
         if rle_leads is not None:
             result["rle"] = {"dir": str(rle_dir), **SS.place_subset(ranking, rle_leads, s.metric_mode)}
             tr.log_metrics(parent, {"rle_rank": result["rle"]["rank"], "rle_gap": result["rle"]["gap_to_best"]})
+        if tr.enabled:   # the best-ranked subset's model; registered @champion when non-inferior
+            from ecgsearch.search.models import log_lead_count_models
+
+            ok = [r for r in ranking if r["noninferiority"]["noninferior"]]
+            pick = (ok or ranking)[0]
+            ans = {"leads": pick["leads"], "n_leads": int(k)} if ok else {}
+            result["mlflow"].update(log_lead_count_models(
+                ctx, parent, [{"leads": pick["leads"], "n_leads": int(k)}], lambda x: units[leads_key(x)], ans,
+                f"ecgsearch-{s.task}-{s.model}-k{k}-leads"))
         write_json(s.out / "subsets.json", clean(result))
         (s.out / "subsets.md").write_text(SS.markdown(result))
         tr.log_artifacts(parent, [s.out / "subsets.json", s.out / "subsets.md"])

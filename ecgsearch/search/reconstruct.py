@@ -44,6 +44,9 @@ class ReconstructSettings:
     base: TrainConfig = field(default_factory=TrainConfig)
     epochs: int | None = None
     bootstrap: int | None = None          # None: the base config's
+    tracking: bool = True                 # standalone runs only (`rle --reconstruct` logs in its search run)
+    tracking_uri: str | None = None       # None: $MLFLOW_TRACKING_URI, else ./mlflow.db (one store per folder)
+    experiment: str | None = None         # None: ecgsearch-<classifier task>, beside its studies and searches
 
     def __post_init__(self) -> None:
         self.leads = parse_leads(self.leads)
@@ -168,3 +171,55 @@ def run_reconstruct(s: ReconstructSettings) -> dict[str, Any]:
             "reconstruction": recon_metrics, "classifier": str(s.classifier),
             "classifier_model": clf.cfg.model, "classifier_metric": get_task(clf.cfg.task).selection_metric,
             "classifier_test": readings}
+
+
+def log_reconstruction(tracker, run, result: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Log a reconstruction under `run`: fidelity and the classifier's readings as metrics, and the
+    U-ResNet as an MLflow model (`models/reconstruct`: raw mV of the kept leads in, 12 rebuilt leads
+    out). Returns what was logged (for the result's "mlflow")."""
+    from ecgsearch.tracking.pyfunc import save_pyfunc
+
+    rec, metric = result["reconstruction"], result["classifier_metric"]
+    metrics = {"recon_mean_r": rec["mean_r"],
+               "recon_precordial_mean_r": (rec["precordial"] or {}).get("mean_r"),
+               **{f"recon_r_{lead}": v for lead, v in rec["r"].items()},
+               **{f"recon_rmse_{lead}": v for lead, v in rec["rmse"].items()},
+               **{f"recon_{k}_{metric}": v[metric] for k, v in result["classifier_test"].items()}}
+    tracker.log_metrics(run, {k: v for k, v in metrics.items() if v is not None})
+    if not tracker.enabled:
+        return {}
+    dest = save_pyfunc(result["checkpoint"], Path(out) / "mlmodel")
+    tracker.log_artifact(run, dest, "models/reconstruct")
+    return {"model_artifact": "models/reconstruct", "model_folder": str(dest)}
+
+
+def reconstruct_tracked(s: ReconstructSettings) -> dict[str, Any]:
+    """`ecgsearch reconstruct`: `run_reconstruct`, its reports in OUT, and one MLflow run (in the store
+    the studies and searches use) that ends FINISHED, FAILED or KILLED."""
+    from ecgsearch.search.recon_report import reconstruction_markdown
+    from ecgsearch.search.report import clean
+    from ecgsearch.search.state import write_json
+    from ecgsearch.tracking import make_tracker
+
+    task = load_checkpoint(s.classifier).cfg.task
+    tracker = make_tracker(s.tracking_uri, s.experiment or f"ecgsearch-{task}", s.out, s.tracking)
+    cfg = s.train_config()
+    run = tracker.parent(f"reconstruct-{leads_key(s.leads)}-{cfg.model}",
+                         {"leads": leads_key(s.leads), "n_leads": len(s.leads), "classifier": str(s.classifier),
+                          **{f"cfg.{k}": v for k, v in cfg.to_dict().items() if k not in ("leads", "task")}},
+                         {"kind": "reconstruction", "task": task, "model": cfg.model, "leads": leads_key(s.leads),
+                          "n_leads": len(s.leads)})
+    try:
+        result = clean(run_reconstruct(s))
+        result["mlflow"] = {"tracking_uri": tracker.uri, "run_id": run,
+                            **log_reconstruction(tracker, run, result, s.out)}
+        write_json(s.out / "reconstruct.json", result)
+        (s.out / "reconstruct.md").write_text(reconstruction_markdown(result))
+        tracker.log_artifacts(run, [s.out / "reconstruct.json", s.out / "reconstruct.md"])
+        tracker.end(run)
+    except BaseException as exc:
+        tracker.end(run, "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED", error=exc)
+        raise
+    finally:
+        tracker.close()
+    return result
