@@ -40,7 +40,7 @@ system-deps:
 
 # The whole suite, fault drills included (worker SIGKILL, node loss, tracking server killed mid-study).
 test: install system-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 demo: install
 	$(PY) -m ecgsearch.demo --out $(DEMO_DIR)

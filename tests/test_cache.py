@@ -195,3 +195,49 @@ def test_cli_info_json_and_text(synth_cache, capsys):
     assert "rhythm/AFIB" in text and "coded 300 (>89) read as 90" in text
     assert main(["data", "info", str(synth_cache.parent / "nope")]) == 2
     assert "not a prepared cache" in capsys.readouterr().err
+
+
+def test_a_cache_at_the_model_geometry_is_resampled_once_and_reads_with_no_resampling(synth_root, synth_cache,
+                                                                                       tmp_path, monkeypatch,
+                                                                                       capsys):
+    from ecgsearch.data import signal as sig
+    from ecgsearch.engine.inputs import SignalSource, conform
+
+    out = tmp_path / "c400"
+    assert main(["data", "prepare", "--root", str(synth_root), "--out", str(out), "--fs", "100",
+                 "--target-fs", "400", "--n-samples", "4096"]) == 0
+    assert "400 Hz, 4096 samples, int16 (model geometry: resampled once from 100 Hz x 1000)" in capsys.readouterr().out
+    native, geo = load_cache(synth_cache), load_cache(out)
+    assert geo.fs == 400 and geo.n_samples == 4096 and geo.signals.dtype == np.int16 and geo.gain == native.gain
+    g = geo.manifest["geometry"]
+    assert (g["source_fs"], g["source_n_samples"], g["clipped"]) == (100, 1000, [])
+    assert cache_info(out)["geometry"]["fs"] == 400
+    assert geo.meta.ecg_id.tolist() == native.meta.ecg_id.tolist()
+    rows = [0, 5, len(native) - 1]
+    # the same numbers the per-batch path computes, up to the int16 grid (half a step: 0.5 uV)
+    want = conform(native.signals_mv(rows), 100, 400, 4096)
+    np.testing.assert_allclose(geo.signals_mv(rows), want, rtol=0, atol=0.5 / native.gain + 1e-6)
+    # reading it at the model's geometry resamples nothing
+    monkeypatch.setattr(sig, "resample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("resampled")))
+    x = SignalSource(geo, LEADS, 400, 4096).read(np.array(rows))
+    np.testing.assert_array_equal(x, geo.signals_mv(rows))
+    # a different geometry is a different cache, not a reuse
+    monkeypatch.undo()
+    man = prepare(synth_root, out, 100, target_fs=500, n_samples=5120)
+    assert not man["reused"] and load_cache(out).n_samples == 5120
+    assert prepare(synth_root, out, 100, target_fs=500, n_samples=5120)["reused"]
+    with pytest.raises(ValueError, match="--target-fs and --n-samples go together"):
+        prepare(synth_root, tmp_path / "bad", 100, target_fs=400)
+    with pytest.raises(ValueError, match="n_samples=0"):
+        prepare(synth_root, tmp_path / "bad", 100, target_fs=400, n_samples=0)
+
+
+def test_resampled_samples_beyond_int16_are_clipped_and_listed():
+    from ecgsearch.data.geometry import conform_file
+
+    src = np.zeros((2, 12, 100), np.int16)
+    src[1, 3, 40:60] = 32767               # a full-scale square pulse: resampling overshoots it
+    dest = np.zeros((2, 12, 400), np.int16)
+    clipped = conform_file(src, dest, 100, 400, 1000.0, [11, 22])
+    assert [c["ecg_id"] for c in clipped] == [22] and clipped[0]["samples"] > 0
+    assert dest.max() == 32767 and not dest[0].any()

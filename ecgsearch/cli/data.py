@@ -34,6 +34,10 @@ def register(sub) -> None:
                    help="minimum SCP likelihood for a rhythm label (default 0: any statement)")
     q.add_argument("--superclass-threshold", type=float, default=0.0,
                    help="minimum SCP likelihood for a superclass label (default 0)")
+    q.add_argument("--target-fs", type=int, metavar="HZ",
+                   help="write the cache at the model's rate (with --n-samples), resampled once here "
+                        "instead of in every batch: e.g. --fs 500 --target-fs 400 --n-samples 4096 (Ribeiro)")
+    q.add_argument("--n-samples", type=int, help="the model's input length for --target-fs (centred zero padding)")
     q.set_defaults(func=_prepare)
 
     i = dsub.add_parser("info", help="records per fold, label prevalence, ages, skipped records")
@@ -57,10 +61,18 @@ def _prepare(args: argparse.Namespace) -> int:
     from ecgsearch.data.cache import prepare
     man = prepare(args.root, args.out, int(args.fs), workers=args.workers,
                   skip_bad=args.skip_bad, rhythm_threshold=args.rhythm_threshold,
-                  superclass_threshold=args.superclass_threshold)
+                  superclass_threshold=args.superclass_threshold, target_fs=args.target_fs,
+                  n_samples=args.n_samples)
     what = "unchanged source, cache kept" if man["reused"] else "prepared"
+    geo = man.get("geometry")
     print(f"{what}: {args.out}: {man['n_records']} records at {man['fs']} Hz, "
-          f"{man['n_samples']} samples, {man['dtype']}")
+          f"{man['n_samples']} samples, {man['dtype']}"
+          + (f" (model geometry: resampled once from {geo['source_fs']} Hz x {geo['source_n_samples']})"
+             if geo else ""))
+    if geo and geo["clipped"]:
+        print(f"WARNING: {len(geo['clipped'])} record(s) had resampled samples beyond int16's range, clipped "
+              f"(listed in manifest.json geometry.clipped): "
+              + ", ".join(f"ecg_id {c['ecg_id']} ({c['samples']} samples)" for c in geo["clipped"][:10]))
     if man["skipped"]:
         print(f"skipped {len(man['skipped'])} bad record(s), listed in "
               f"{args.out.rstrip('/')}/skipped.csv:")

@@ -77,7 +77,8 @@ def fetch_remote(fs: pafs.FileSystem, path: str, local_root: str | Path | None =
 
 def prepare(root: str | Path, out: str | Path, fs: int | str, workers: int = 1,
             skip_bad: bool = False, *, rhythm_threshold: float = 0.0,
-            superclass_threshold: float = 0.0) -> dict:
+            superclass_threshold: float = 0.0, target_fs: int | None = None,
+            n_samples: int | None = None) -> dict:
     """Convert the PTB-XL at `root` into a cache at `out` (folder or URI); the manifest.
 
     Re-running on an unchanged source with the same settings does nothing (the returned
@@ -85,7 +86,7 @@ def prepare(root: str | Path, out: str | Path, fs: int | str, workers: int = 1,
     `skip_bad`, any bad record raises one `DataError` listing every bad record.
     """
     kw = {"workers": workers, "skip_bad": skip_bad, "rhythm_threshold": rhythm_threshold,
-          "superclass_threshold": superclass_threshold}
+          "superclass_threshold": superclass_threshold, "target_fs": target_fs, "n_samples": n_samples}
     remote, path = _resolve(out)
     if remote is None:
         return prepare_local(root, path, fs, **kw)
@@ -229,6 +230,7 @@ def cache_info(path: str | Path) -> dict:
     man = _read_remote_manifest(remote, p) if remote else _read_manifest(Path(p))
     return {"path": str(path), "n_records": man["n_records"], "fs": man["fs"],
             "n_samples": man["n_samples"], "leads": man["leads"], "dtype": man["dtype"],
+            "geometry": man.get("geometry"),
             "gain": man["gain"], "folds": man["folds"], "labels": man["labels"],
             "labels_per_fold": man["labels_per_fold"], "age": man["age"],
             "skipped": len(man["skipped"]), "skipped_records": man["skipped"],

@@ -215,8 +215,13 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def prepare_local(root: str | Path, out: str | Path, fs: int, workers: int = 1,
                   skip_bad: bool = False, rhythm_threshold: float = 0.0,
-                  superclass_threshold: float = 0.0) -> dict:
-    """`cache.prepare` for a local output folder (cache.py handles URIs)."""
+                  superclass_threshold: float = 0.0, target_fs: int | None = None,
+                  n_samples: int | None = None) -> dict:
+    """`cache.prepare` for a local output folder (cache.py handles URIs). With `target_fs` and
+    `n_samples`, the cache is written at that model geometry (see data/geometry.py)."""
+    from ecgsearch.data.geometry import derive, validate_geometry
+
+    geometry = validate_geometry(target_fs, n_samples)
     if str(fs) not in ("100", "500"):
         raise ValueError(f"fs must be 100 or 500 (PTB-XL's two rates), got {fs!r}")
     if int(workers) < 1:
@@ -226,6 +231,8 @@ def prepare_local(root: str | Path, out: str | Path, fs: int, workers: int = 1,
         raise DataError(f"PTB-XL root {root} is not a directory")
     thresholds = {"rhythm": float(rhythm_threshold), "superclass": float(superclass_threshold)}
     settings = {"fs": fs, "skip_bad": bool(skip_bad), "thresholds": thresholds}
+    if geometry is not None:
+        settings["geometry"] = {"target_fs": geometry[0], "n_samples": geometry[1]}
     bad: dict[int, str] = {}
     db = read_database(root, bad=bad)
     st = read_statements(root)
@@ -250,11 +257,11 @@ def prepare_local(root: str | Path, out: str | Path, fs: int, workers: int = 1,
         else:
             hdrs[row] = hdr
     lengths = Counter(h.sig_len for h in hdrs.values())
-    n_samples = lengths.most_common(1)[0][0] if lengths else 0
+    native_len = lengths.most_common(1)[0][0] if lengths else 0
     for row, h in list(hdrs.items()):
-        if h.sig_len != n_samples:
+        if h.sig_len != native_len:
             bad[int(ids[row])] = (f"{h.sig_len} samples per lead, the other records have "
-                                  f"{n_samples}")
+                                  f"{native_len}")
             del hdrs[row]
     paths = db[col].fillna("")
     if not hdrs:
@@ -267,7 +274,7 @@ def prepare_local(root: str | Path, out: str | Path, fs: int, workers: int = 1,
     tmp.mkdir()
     try:
         npy = tmp / FILES["signals"]
-        arr = np.lib.format.open_memmap(npy, mode="w+", shape=(len(rows), len(LEADS), n_samples),
+        arr = np.lib.format.open_memmap(npy, mode="w+", shape=(len(rows), len(LEADS), native_len),
                                         dtype=np.int16 if as_int16 else np.float32)
         del arr
         items = [(k, int(ids[r]), rels[r], hdrs[r]) for k, r in enumerate(rows)]
@@ -286,6 +293,7 @@ def prepare_local(root: str | Path, out: str | Path, fs: int, workers: int = 1,
             raise _bad_records(bad, paths, root, "use --skip-bad to convert the rest and "
                                "list them in skipped.csv")
         skipped = [{"ecg_id": e, "path": paths.get(e, ""), "reason": bad[e]} for e in sorted(bad)]
+        resampled = derive(npy, fs, geometry, gain, ids[rows]) if geometry is not None else None
         meta, n_mapped = _meta(db.iloc[rows], st, fs, thresholds)
         meta.to_parquet(tmp / FILES["meta"], index=False)
         pd.DataFrame(skipped, columns=["ecg_id", "path", "reason"]).to_csv(
@@ -295,8 +303,9 @@ def prepare_local(root: str | Path, out: str | Path, fs: int, workers: int = 1,
             "source": {"root": str(root), "fingerprint": fingerprint,
                        "database_sha256": sha256_file(root / DB_FILE),
                        "statements_sha256": sha256_file(root / STATEMENTS_FILE)},
-            "settings": settings, "fs": fs, "leads": list(LEADS), "n_records": len(rows),
-            "n_samples": n_samples, "dtype": "int16" if as_int16 else "float32", "gain": gain,
+            "settings": settings, "fs": geometry[0] if geometry else fs, "leads": list(LEADS),
+            "n_records": len(rows), "n_samples": geometry[1] if geometry else native_len,
+            **({"geometry": resampled} if resampled else {}), "dtype": "int16" if as_int16 else "float32", "gain": gain,
             "files": FILES, **summarize(meta, n_mapped), "skipped": skipped,
             "checksums": {f: sha256_file(tmp / f) for f in FILES.values()},
             "sizes": {f: (tmp / f).stat().st_size for f in FILES.values()},

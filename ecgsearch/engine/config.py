@@ -44,6 +44,9 @@ class TrainConfig:
     splits: dict[str, list[int]] = field(default_factory=_default_splits)
     bootstrap: int = 1000
     threads: int | None = None
+    # Threads building batches ahead of the step (engine/loader.py); 0 builds each on the loop's
+    # own thread; None: 1 where the process has 2+ CPUs, else 0. Never changes a batch or the order.
+    loader_threads: int | None = None
     # Superclass task: keep records with no superclass statement (False = the PTB-XL
     # benchmark of Strodthoff et al. 2020, which leaves them out of every split).
     keep_unlabeled: bool = False
@@ -74,6 +77,8 @@ class TrainConfig:
             raise bad("n_samples", "must be positive")
         if self.bootstrap < 0:
             raise bad("bootstrap", "must be >= 0")
+        if self.loader_threads is not None and int(self.loader_threads) < 0:
+            raise bad("loader_threads", "must be >= 0 (0: batches built on the training loop's thread)")
         if not isinstance(self.keep_unlabeled, bool):
             raise bad("keep_unlabeled", "must be true or false")
         missing = {"train", "val", "test"} - set(self.splits)

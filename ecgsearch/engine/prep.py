@@ -5,6 +5,8 @@ it was trained with.
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,25 @@ from ecgsearch.tasks import Task, get_task
 
 # Records used to fit the per-lead normaliser: enough for stable moments, cheap on full PTB-XL.
 NORM_FIT_RECORDS = 2000
+log = logging.getLogger("ecgsearch.engine")
+_told_resampling: set = set()     # (cache, rates, length) already reported in this process
+
+
+def _report_resampling(data, fs: int, n_samples: int, idx: np.ndarray) -> None:
+    """Say once per process and geometry that batches are resampled on the fly, and what it costs."""
+    key = (str(getattr(data, "path", id(data))), int(data.fs), fs, n_samples)
+    if int(data.fs) == fs or key in _told_resampling or len(idx) == 0:
+        return
+    _told_resampling.add(key)
+    from ecgsearch.data import signal as sig
+
+    x = data.signals_mv(np.sort(idx[:64]))
+    t0 = time.perf_counter()
+    sig.resample(x, int(data.fs), fs)
+    per = (time.perf_counter() - t0) / len(x)
+    log.warning("resampling %d -> %d Hz on the fly in every batch: %.2f ms per record on this thread (%.0f "
+                "records/s at most); resample once with `ecgsearch data prepare --fs %d --target-fs %d "
+                "--n-samples %d`", int(data.fs), fs, 1e3 * per, 1 / per, int(data.fs), fs, n_samples)
 
 
 @dataclass
@@ -68,6 +89,7 @@ def fit(cfg: TrainConfig, data) -> tuple[Prepared, np.ndarray]:
     task = get_task(cfg.task)
     fs, n_samples = resolve_geometry(data.fs, data.n_samples, cfg.target_fs, cfg.n_samples)
     train_idx = split_indices(data, task, cfg.splits, "train", keep_unlabeled=cfg.keep_unlabeled)
+    _report_resampling(data, fs, n_samples, train_idx)
     recon = task.kind == "reconstruction"
     source = SignalSource(data, LEADS if recon else cfg.leads, fs, n_samples)
     rng = np.random.default_rng(cfg.seed)
@@ -112,28 +134,31 @@ def decode(prep: Prepared, out: np.ndarray) -> np.ndarray:
     return prep.task.decode_outputs(out, prep.target_state)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model, prep: Prepared, data, idx: np.ndarray, *, batch_size: int, device, precision: str,
-            drop_leads: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """(y natural, prediction natural) over `idx`, in eval mode.
+            drop_leads: tuple[str, ...] = (), loader=None) -> tuple[np.ndarray, np.ndarray]:
+    """(y natural, prediction natural) over `idx`, in eval mode; batches come from `loader`
+    (engine/loader.py; a fresh one on `device` when None).
 
     `drop_leads` removes leads at inference: ML-ResNet skips their branches, every other model
     sees them zeroed (0 is the training mean after normalisation, i.e. an uninformative lead).
     """
+    from ecgsearch.engine.loader import Loader, chunked
+
     drop_pos = lead_indices(drop_leads, prep.leads) if drop_leads else []
     mask = None
     if drop_pos and hasattr(model, "select_leads"):
-        mask = torch.ones(len(prep.leads), dtype=torch.bool)
+        mask = torch.ones(len(prep.leads), dtype=torch.bool, device=device)
         mask[drop_pos] = False
     model.eval()
+    loader = loader or Loader(prep, data, device)
     ys, ps = [], []
-    for i in range(0, len(idx), batch_size):
-        x, _, y_nat = batch(prep, data, idx[i:i + batch_size], with_natural=True)
+    for b in loader.batches(chunked(np.asarray(idx), batch_size), with_natural=True, reuse=True):
+        x = b.x
         if drop_pos and mask is None:
             x[:, drop_pos] = 0.0
-        xt = torch.from_numpy(x).to(device)
         with autocast(device, precision):
-            out = model(xt) if mask is None else model(xt, lead_mask=mask.to(device))
+            out = model(x) if mask is None else model(x, lead_mask=mask)
         ps.append(decode(prep, out.float().cpu().numpy()))
-        ys.append(np.asarray(y_nat))
+        ys.append(np.asarray(b.natural))
     return np.concatenate(ys), np.concatenate(ps)

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ecgsearch.engine import prep as P
 from ecgsearch.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ecgsearch.engine.config import TrainConfig
+from ecgsearch.engine.loader import Loader, chunked
 from ecgsearch.engine.runtime import (autocast, epoch_order, pick_device, resolve_precision, seed_everything,
                                       world)
 from ecgsearch.metrics import f1_max_thresholds, flatten_metrics
@@ -125,6 +126,7 @@ def train(cfg: TrainConfig, data, out_dir: str | Path | None = None, *, resume_f
         log.info("resumed from %s at epoch %d", resume_from, start)
 
     net = DistributedDataParallel(model) if world_size > 1 else model
+    loader = Loader(prep, data, device, threads=cfg.loader_threads)
     log.info("training %s on %s for %s: device=%s precision=%s workers=%d records train=%d val=%d",
              cfg.model, ",".join(prep.leads), task.name, device, precision, world_size, len(train_idx), len(val_idx))
 
@@ -150,17 +152,15 @@ def train(cfg: TrainConfig, data, out_dir: str | Path | None = None, *, resume_f
             net.train()
             order = train_idx[epoch_order(len(train_idx), cfg.seed, epoch, rank, world_size)]
             total, count = 0.0, 0
-            for i in range(0, len(order), cfg.batch_size):
-                x, y = P.batch(prep, data, order[i:i + cfg.batch_size])
-                xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            for b in loader.batches(chunked(order, cfg.batch_size), reuse=True):
                 with autocast(device, precision):
-                    out = net(xt)
-                loss = loss_fn(out.float(), yt)
+                    out = net(b.x)
+                loss = loss_fn(out.float(), b.y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach()) * len(x)
-                count += len(x)
+                total += float(loss.detach()) * b.n
+                count += b.n
             t_train = time.perf_counter() - t0
             train_loss = _mean_across_ranks(total, count, device)
             if world_size > 1:
@@ -171,7 +171,7 @@ def train(cfg: TrainConfig, data, out_dir: str | Path | None = None, *, resume_f
                 # best epoch or early stopping, and the scores then match what evaluate() reports
                 # for the saved checkpoint.
                 y_val, p_val = P.predict(model, prep, data, val_idx, batch_size=max(cfg.batch_size, 128),
-                                         device=device, precision="fp32")
+                                         device=device, precision="fp32", loader=loader)
                 m = task.compute_metrics(y_val, p_val)
                 return (float(m[task.selection_metric]), m, _thresholds(task, y_val, p_val),
                         {"train_seconds": t_train, "epoch_seconds": time.perf_counter() - t0})

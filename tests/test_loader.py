@@ -1,0 +1,84 @@
+"""The loader: the same batches as the host path (the engine before it: `prep.batch` on the loop's
+thread), bit for bit and in the same order, on both of its paths; training weights unchanged by it;
+a consumer that stops early leaves no work running."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from ecgsearch.data.cache import load_cache
+from ecgsearch.engine import TrainConfig, train
+from ecgsearch.engine import prep as P
+from ecgsearch.leads import LEADS
+from ecgsearch.engine import loader as L
+from ecgsearch.engine.loader import Loader, chunked, fast_path
+
+FAST = dict(batch_size=16, bootstrap=0, precision="fp32", threads=1)
+
+
+def _batches(prep, data, idx, threads, with_natural=True, reuse=False):
+    it = Loader(prep, data, "cpu", threads=threads).batches(chunked(idx, 16), with_natural=with_natural, reuse=reuse)
+    # a consumer that keeps batches must clone them when buffers are reused
+    return [L.Batch(b.x.clone(), b.y, b.natural, b.n) for b in it]
+
+
+def _host(prep, data, idx):
+    """The engine's batches before the loader: prep.batch per batch on the caller's thread."""
+    out = []
+    for c in chunked(idx, 16):
+        x, y, nat = P.batch(prep, data, c, with_natural=True)
+        out.append(L.Batch(torch.from_numpy(x), torch.from_numpy(y), nat, len(c)))
+    return out
+
+
+@pytest.mark.parametrize("task,leads,geometry", [
+    ("rhythm", ("I", "AVL", "V2"), {}),                              # int16 fast path, 1000 -> 1024 padding
+    ("superclass", LEADS, {"n_samples": 1000}),                     # fast path, all leads: the buffered gather
+    ("age", ("II", "V5"), {"n_samples": 800}),                      # fast path, centred crop
+    ("reconstruct", ("I", "II", "V2"), {}),                         # x from kept leads, y from all 12
+    ("superclass", ("I", "V6"), {"target_fs": 50}),                 # resampling: host path on the workers
+])
+def test_batches_equal_the_host_path(synth_cache, task, leads, geometry):
+    data = load_cache(synth_cache)
+    prep, train_idx = P.fit(TrainConfig(task=task, leads=leads, **FAST, **geometry), data)
+    assert fast_path(prep, data) == ("target_fs" not in geometry)
+    idx = np.random.default_rng(0).permutation(train_idx)[:100]     # unsorted, last batch short
+    ref = _host(prep, data, idx)
+    for threads in (0, 1, 2):
+        for reuse in (False, True):
+            got = _batches(prep, data, idx, threads, reuse=reuse)
+            assert [b.n for b in got] == [b.n for b in ref] == [16] * 6 + [4]
+            for a, b in zip(ref, got):
+                assert b.x.dtype == torch.float32 and b.x.shape == a.x.shape == (a.n, len(leads), prep.n_samples)
+                assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+                np.testing.assert_array_equal(a.natural, b.natural)
+
+
+def test_training_weights_are_unchanged_by_the_loader(synth_cache, monkeypatch):
+    cfg = TrainConfig(model="resnet1d_tiny", task="rhythm", epochs=2, seed=3, lr=3e-3, **FAST)
+    with monkeypatch.context() as m:            # the engine before the loader
+        m.setattr(L, "fast_path", lambda prep, data: False)
+        ref = train(cfg.replace(loader_threads=0), synth_cache)
+    for threads in (0, 1, 2):
+        got = train(cfg.replace(loader_threads=threads), synth_cache)
+        assert [h["train_loss"] for h in got.history] == [h["train_loss"] for h in ref.history]
+        for (name, a), b in zip(ref.model.state_dict().items(), got.model.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def test_a_consumer_that_stops_early_leaves_no_worker_running(synth_cache):
+    data = load_cache(synth_cache)
+    prep, train_idx = P.fit(TrainConfig(task="rhythm", **FAST), data)
+    before = {t.name for t in threading.enumerate()}
+    it = Loader(prep, data, "cpu", threads=2, prefetch=3).batches(chunked(train_idx, 8))
+    next(it)
+    it.close()
+    left = [t for t in threading.enumerate() if t.name.startswith("ecgsearch-loader") and t.name not in before]
+    assert not left, left
+    with pytest.raises(ValueError, match="loader_threads"):
+        Loader(prep, data, "cpu", threads=-1)
+    with pytest.raises(ValueError, match="loader_threads"):
+        TrainConfig(loader_threads=-1)
