@@ -114,7 +114,7 @@ def main() -> None:
     print(f"plain fp32 loop:      {plain_sps:7.1f} samples/s  {plain_sps * flops / 1e9:6.1f} GFLOP/s  "
           f"test macro AUROC {plain_auroc:.3f}")
     print(f"fp32 matmul 2048^2:   {peak:7.1f} GFLOP/s")
-    print(f"RATIO engine / plain fp32 loop: {engine_sps / plain_sps:.2f}x (goal >= 2.5x)")
+    print(f"RATIO engine / plain fp32 loop: {engine_sps / plain_sps:.2f}x (goal >= 3.0x)")
     print(f"RATIO plain fp32 loop / matmul rate: {plain_sps * flops / 1e9 / peak:.0%}; "
           f"engine / matmul rate: {engine_sps * flops / 1e9 / peak:.0%}")
 

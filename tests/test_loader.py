@@ -82,3 +82,15 @@ def test_a_consumer_that_stops_early_leaves_no_worker_running(synth_cache):
         Loader(prep, data, "cpu", threads=-1)
     with pytest.raises(ValueError, match="loader_threads"):
         TrainConfig(loader_threads=-1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the check runs for real (bench/gpu_check.py)")
+def test_the_gpu_check_skips_with_a_reason_and_exit_0_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("gpu_check: skipped: no CUDA device"), proc.stdout
