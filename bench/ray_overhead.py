@@ -4,10 +4,10 @@ two concurrent trials against one.
 
     .venv/bin/python bench/ray_overhead.py [--cache DIR | --records 8000] [--seconds 60] [--repeats 2]
 
-Goals: every Ray path within 1.15x of the plain wall time (Ray start-up is reported, not
+Goals: every Ray path within 1.10x of the plain wall time (Ray start-up is reported, not
 counted: a cluster is started once per session; the paths run in interleaved rounds and each
 keeps its fastest, because a shared machine's load drifts), and two concurrent trials within
-1.5x the memory of one.
+1.3x the memory of one, counting every Ray process.
 
 Memory is PSS summed over processes: PSS splits a shared page between the processes mapping
 it, so a cache memory-mapped by two trials counts once, while a copy per trial would count
@@ -78,6 +78,28 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+PHASES = (("worker actors created in", "worker actors start"), ("Train context initialized on workers in",
+          "train context on workers"), ("Worker group startup completed in", "worker group start, total"))
+
+
+def controller_phases() -> dict[str, list[float]]:
+    """Seconds per start-up phase, from Ray Train's controller logs of this session (one value per
+    TorchTrainer run): where a trial's fixed cost goes before the training function runs."""
+    import re
+
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "train"
+    out: dict[str, list[float]] = {label: [] for _, label in PHASES}
+    for f in sorted(logs.glob("ray-train-sys-controller-*.log")):
+        for line in f.read_text(errors="replace").splitlines():
+            for needle, label in PHASES:
+                m = re.search(re.escape(needle) + r" ([0-9.]+)s", line)
+                if m:
+                    out[label].append(float(m.group(1)))
+    return out
+
+
 def make_cache(records: int, root: Path) -> Path:
     from ecgsearch.data.cache import prepare
     from ecgsearch.data.synth import synthesize
@@ -113,7 +135,9 @@ def study(cfg: TrainConfig, cache: Path, out: Path, trials: int, cpus: int):
                                  "models": [cfg.model], "params": {"lr": {"type": "choice", "values": [cfg.lr]}}}))
     return run_study(TuneSettings(data=cache, model=cfg.model, task=cfg.task, trials=trials, out=out,
                                   epochs=cfg.epochs, search_space=space, max_concurrent=trials,
-                                  cpus_per_worker=cpus, base_config=cfg.to_dict(), register_model=False))
+                                  cpus_per_worker=cpus, base_config=cfg.to_dict(), register_model=False,
+                                  # the study's MLflow store in the bench's work folder, not the cwd
+                                  tracking_uri="sqlite:///" + str(out.parent / "mlflow.db")))
 
 
 def main() -> int:
@@ -169,6 +193,7 @@ def main() -> int:
         with PeakSampler() as s:
             study(mem_cfg, cache, work / f"mem{n}", n, 1)
         r[f"workers_{n}_trial_mb"], r[f"ray_{n}_trial_mb"] = s.workers, s.all
+    r["controller_phases_s"] = controller_phases()
     r["memory_ratio"] = r["workers_2_trial_mb"] / r["workers_1_trial_mb"]
     r["ray_memory_ratio"] = r["ray_2_trial_mb"] / r["ray_1_trial_mb"]
     stop_ray()
@@ -178,13 +203,17 @@ def main() -> int:
     print(f"(Ray start-up         {r['ray_start_s']:7.1f} s, once per session, not counted)")
     for k, label in (("tune_trial", "Tune trial"), ("torchtrainer", "1-worker TorchTrainer"),
                      ("ecgsearch_tune", "ecgsearch tune 1 trial")):
-        ok = "ok" if r[f"{k}_ratio"] <= 1.15 else "ABOVE GOAL"
-        print(f"{label:22s}{r[k + '_s']:7.1f} s  {r[k + '_ratio']:.2f}x  (goal <= 1.15x: {ok})")
-    ok = "ok" if r["memory_ratio"] <= 1.5 else "ABOVE GOAL"
+        ok = "ok" if r[f"{k}_ratio"] <= 1.10 else "ABOVE GOAL"
+        print(f"{label:22s}{r[k + '_s']:7.1f} s  {r[k + '_ratio']:.2f}x  (goal <= 1.10x: {ok})")
+    print("fixed cost per trial (path - plain): " + ", ".join(
+        f"{k} {r[k + '_s'] - r['plain_s']:.1f} s" for k in ("tune_trial", "torchtrainer", "ecgsearch_tune")))
+    print("TorchTrainer start-up phases, median over its runs (Ray Train's controller log): " + ", ".join(
+        f"{label} {sorted(v)[len(v) // 2]:.2f} s" for label, v in r["controller_phases_s"].items() if v))
     print(f"training workers' memory: 1 trial {r['workers_1_trial_mb']:.0f} MB, 2 concurrent "
-          f"{r['workers_2_trial_mb']:.0f} MB: {r['memory_ratio']:.2f}x (goal <= 1.5x: {ok}); cache {data_mb:.0f} MB")
+          f"{r['workers_2_trial_mb']:.0f} MB: {r['memory_ratio']:.2f}x; cache {data_mb:.0f} MB")
+    ok = "ok" if r["ray_memory_ratio"] <= 1.3 else "ABOVE GOAL"
     print(f"all Ray processes:        1 trial {r['ray_1_trial_mb']:.0f} MB, 2 concurrent "
-          f"{r['ray_2_trial_mb']:.0f} MB: {r['ray_memory_ratio']:.2f}x")
+          f"{r['ray_2_trial_mb']:.0f} MB: {r['ray_memory_ratio']:.2f}x (goal <= 1.3x: {ok})")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))
     if not args.keep:

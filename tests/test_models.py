@@ -185,7 +185,8 @@ def test_resnet1d_matches_reference_parameter_count_and_schedule():
     # The reference's extra full-resolution 64->64 unit accounts for 2*64*64*17 + 2*2*64 of them.
     assert sum(p.numel() for p in model.units[0].parameters()) == 139_520
     shapes = []
-    hooks = [u.register_forward_hook(lambda m, i, o: shapes.append(tuple(o[0].shape[1:])))
+    # (channels, samples): on the CPU the units run on (B, C, 1, L) channels-last tensors
+    hooks = [u.register_forward_hook(lambda m, i, o: shapes.append((o[0].shape[1], o[0].shape[-1])))
              for u in model.units]
     with torch.no_grad():
         model(torch.randn(1, 12, 4096))

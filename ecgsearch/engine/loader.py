@@ -43,11 +43,20 @@ def fast_path(prep, data) -> bool:
     return signals is not None and signals.dtype == np.int16 and int(data.fs) == int(prep.fs)
 
 
-def auto_threads() -> int:
+def auto_threads(device: torch.device) -> int:
+    """One worker thread where it has a core to itself, else none.
+
+    A GPU leaves the host cores free, so one thread from 2 CPUs up. Training on the CPU, torch's
+    intra-op threads already use the cores: a loader thread beside them preempts one, and the
+    others wait for it at every kernel's barrier (resnet1d on 2 cores: 77 samples/s with the
+    thread, 85 without, bench/train_throughput.py). So only where a core is spare.
+    """
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:       # not Linux
         n = os.cpu_count() or 1
+    if device.type == "cpu":
+        return 1 if n > torch.get_num_threads() else 0
     return 1 if n >= 2 else 0
 
 
@@ -72,9 +81,9 @@ class Loader:
 
     def __init__(self, prep, data, device, *, threads: int | None = None, prefetch: int = 2):
         """threads: worker threads building batches ahead; 0 builds each on the caller's thread;
-        None: 1 where this process may run on 2 or more CPUs, else 0 (on one CPU a worker thread
-        only adds hand-offs: measured 4x slower than building in place, bench/input_pipeline.py)."""
-        threads = auto_threads() if threads is None else threads
+        None: `auto_threads` (on one CPU a worker thread only adds hand-offs: measured 4x slower
+        than building in place, bench/input_pipeline.py)."""
+        threads = auto_threads(torch.device(device)) if threads is None else threads
         if int(threads) < 0 or int(prefetch) < 1:
             raise ValueError(f"invalid setting loader_threads={threads} / prefetch={prefetch}: threads must be "
                              ">= 0 and prefetch >= 1")

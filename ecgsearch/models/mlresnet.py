@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ECGModel, ModelConfig, Variant
+from .layers import Dropout, dropout
 from .registry import register_model
 from .resnet1d import strided_padding
 
@@ -124,7 +125,7 @@ class LeadResBlock(nn.Module):
         if self.skip is not None:
             y = self.skip(y, idx)
         h = F.relu(self.bn1(self.conv1(x, idx), idx))
-        h = F.dropout(h, self.dropout, self.training)
+        h = dropout(h, self.dropout, self.training)
         h = self.bn2(self.conv2(h, idx), idx)
         return F.relu(h + y)
 
@@ -192,7 +193,7 @@ class MLResNet(ECGModel):
         self.branch_dim = cfg.filters[-1]
         self.fusion = LeadLinear(L, self.branch_dim, cfg.fusion_dim)
         self.num_features = cfg.fusion_dim
-        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(cfg.dropout),
+        self.head = nn.Sequential(nn.ReLU(), Dropout(cfg.dropout),
                                   nn.Linear(cfg.fusion_dim, cfg.num_outputs))
         self.lead_dropout = float(cfg.lead_dropout)
         self.lead_dropout_mode = cfg.lead_dropout_mode

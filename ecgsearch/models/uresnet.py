@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ECGModel, ModelConfig, Variant
+from .layers import Dropout
 from .registry import register_model
 
 
@@ -61,7 +62,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv1d(c_in, c_out, k, padding=k // 2, bias=False)
         self.bn1 = nn.BatchNorm1d(c_out)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.conv2 = nn.Conv1d(c_out, c_out, k, padding=k // 2, bias=False)
         self.bn2 = nn.BatchNorm1d(c_out)
         self.skip = nn.Conv1d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
