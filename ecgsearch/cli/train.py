@@ -34,10 +34,25 @@ def register(sub) -> None:
     e.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("predict", help="run a checkpoint on WFDB records (any rate, any lead order)")
+    r = sub.add_parser("predict", help="run a checkpoint on WFDB records (any rate, leads, length)",
+                       description="Records, folders (every .hea beneath) and list files (.txt/.lst: one "
+                                   "record per line). Leads are matched by name and alias (MLII = II); other "
+                                   "channels are ignored and listed. Long records are read as windows of the "
+                                   "model's length and averaged; short ones padded and flagged.")
     r.add_argument("--checkpoint", required=True)
-    r.add_argument("records", nargs="+", help="WFDB record paths without extension")
-    r.add_argument("--json", action="store_true")
+    r.add_argument("records", nargs="+", help="WFDB records (with or without .hea), folders, list files")
+    r.add_argument("--leads", help="use only these leads of each record, e.g. I,II (ML-ResNet models)")
+    r.add_argument("--missing", default="error", choices=("error", "mean"),
+                   help="a model that cannot drop leads, on a record lacking some: refuse (default) or "
+                        "enter them at their training mean (0 after normalisation), flagged in the output")
+    r.add_argument("--stride", type=float, help="seconds between windows on long records (default: the "
+                                                "model's window, i.e. consecutive windows)")
+    r.add_argument("--per-window", action="store_true", help="also one row per window")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--out", help="write the rows to a .csv or .json file")
+    r.add_argument("--skip-bad", action="store_true", help="report bad records by name and predict the rest "
+                                                           "(exit code 1 when any failed)")
+    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
     r.set_defaults(func=cmd_predict)
 
 
@@ -117,15 +132,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ecgsearch.engine import predict_records
+    from ecgsearch.engine.checkpoint import load_checkpoint
+    from ecgsearch.engine.records import PredictOptions, RecordPredictor, expand_inputs, write_rows
+    from ecgsearch.progress import Progress
 
-    rows = predict_records(args.checkpoint, args.records)
-    if args.json:
-        json.dump(rows, sys.stdout, indent=2)
+    ck = load_checkpoint(args.checkpoint)
+    opts = PredictOptions(leads=parse_leads(args.leads) if args.leads else None, missing=args.missing,
+                          stride=None if args.stride is None else max(1, round(args.stride * ck.fs)),
+                          per_window=args.per_window, batch_size=args.batch_size, skip_bad=args.skip_bad)
+    paths = expand_inputs(args.records)
+    # A display only where there are many records: one record answers at once.
+    with Progress("predict", enabled=len(paths) >= 20) as progress:
+        progress.phase("records", len(paths), kind="predict")
+        report = RecordPredictor(ck, opts)(paths, on_record=progress.done)
+    for record, reason in report.failures:
+        print(f"ecgsearch predict: bad record {record}: {reason}", file=sys.stderr)
+    if report.failures:
+        print(f"ecgsearch predict: {len(report.failures)} of {len(paths)} records failed", file=sys.stderr)
+    if report.thresholds is None and report.rows and any(k in report.rows[0] for k in report.output_names):
+        if ck.cfg.task not in ("age", "reconstruct"):
+            print("ecgsearch predict: the checkpoint carries no thresholds: probabilities only", file=sys.stderr)
+    if args.out:
+        print(f"wrote {len(report.rows)} rows to {write_rows(report.rows, args.out)}", file=sys.stderr)
+    elif args.json:
+        json.dump(report.rows, sys.stdout, indent=2)
         print()
-        return 0
-    cols = [c for c in rows[0] if c not in ("record",)]
-    print("\t".join(["record"] + cols))
-    for r in rows:
-        print("\t".join([r["record"]] + [f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols]))
-    return 0
+    elif report.rows:
+        cols = []
+        for r in report.rows:
+            cols += [c for c in r if c not in cols and c != "record"]
+        print("\t".join(["record"] + cols))
+        for r in report.rows:
+            print("\t".join([r["record"]] + [_cell(r.get(c, "")) for c in cols]))
+    return 1 if report.failures else 0
+
+
+def _cell(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+

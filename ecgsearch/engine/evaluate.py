@@ -134,31 +134,13 @@ class Predictor:
         return P.decode(self.prep, np.concatenate(outs) if outs else np.zeros((0, len(self.output_names))))
 
 
-def predict_records(ck: Checkpoint | str | Path, paths) -> list[dict]:
-    """Predictions for WFDB records of any rate and lead order: one dict per record.
+def predict_records(ck: Checkpoint | str | Path, paths, options=None) -> list[dict]:
+    """Predictions for WFDB records of any rate, lead set and length: one dict per record (see
+    engine/records.py: leads by name and alias, windows over long records, calls from thresholds).
+    Raises on the first bad record, naming it; `RecordPredictor` with skip_bad reports and goes on."""
+    from ecgsearch.engine.records import RecordPredictor
 
-    Leads are picked by name, resampled to the model's rate and centred to its length. A record
-    lacking a lead the model needs is an error naming the record and the lead.
-    """
-    from ecgsearch.data.signal import pick_leads, read_any_record
-
-    predictor = Predictor(ck)
-    ck = predictor.ck
-    rows = []
-    for path in paths:
-        x, fs, names = read_any_record(path)
-        try:
-            x = pick_leads(x, names, ck.leads)
-        except ValueError as exc:
-            raise ValueError(f"record {path}: {exc}") from None
-        pred = predictor(conform(x[None].astype(np.float32), fs, ck.fs, ck.n_samples))[0]
-        row = {"record": str(path), "fs_in": int(fs)}
-        if predictor.prep.task.kind == "reconstruction":
-            row["reconstruction_shape"] = list(pred.shape)
-        else:
-            row.update({name: float(v) for name, v in zip(predictor.output_names, np.ravel(pred))})
-        rows.append(row)
-    return rows
+    return RecordPredictor(ck, options)(paths).rows
 
 
 class _NoData:
