@@ -16,8 +16,10 @@ from ecgsearch.data.synth import synthesize
 SAMPLE_ENV = "ECGSEARCH_PTBXL_SAMPLE"
 # The session workhorse: enriched (15 % per rhythm code) so every split of ~60 records
 # holds positives of all six codes and AUROCs are defined; seed 0, 100 Hz.
+# Fixtures use the textbook generator ("clean"): tests check mechanisms (learning, search,
+# planted leads) with exact labels; the realistic default has its own tests (test_synth_realism).
 SYNTH_DEFAULTS = {"records": 600, "seed": 0, "informative_leads": None, "fs": "100",
-                  "enrich": True}
+                  "enrich": True, "realism": "clean"}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -71,10 +71,15 @@ def test_layout_is_ptbxl_and_wfdb_reads_it(tmp_path):
         assert hdr.fmt == ["16"] * 12 and hdr.adc_gain == [1000.0] * 12 and hdr.baseline == [0] * 12
     st = pd.read_csv(root / "scp_statements.csv", index_col=0)
     assert {"diagnostic", "diagnostic_class", "rhythm"} <= set(st.columns)
-    # The 100 Hz file is the 500 Hz one decimated, as in PTB-XL: same beats, same values.
+    # The 100 Hz file is the 500 Hz one decimated, as in PTB-XL: same beats, same values
+    # (the realistic default's 50 Hz mains hum and muscle noise are in the 500 Hz file only
+    # above 50 Hz, so the comparison decimates it the same way).
     lo, _ = wfdb.rdsamp(str(root / db.filename_lr[3]))
     hi, _ = wfdb.rdsamp(str(root / db.filename_hr[3]))
-    assert np.corrcoef(lo[10:-10, 1], hi[50:-50:5, 1])[0, 1] > 0.97
+    assert np.corrcoef(lo[10:-10, 1], hi[50:-50:5, 1])[0, 1] > 0.9
+    from scipy.signal import resample_poly
+    dec = resample_poly(hi[:, 1], 1, 5)
+    assert np.corrcoef(lo[10:-10, 1], dec[10:-10])[0, 1] > 0.995
 
 
 def test_deterministic_by_seed_and_independent_of_fs(tmp_path):
@@ -208,9 +213,11 @@ def test_prevalences_patients_and_folds_resemble_ptbxl(synth_root):
     assert db.age.dropna().loc[lambda a: a != 300].between(18, 89).all()
 
 
-@pytest.fixture(scope="module")
-def planted(_synth_store):
-    return _synth_store.root({"records": 600, "informative_leads": ("V2", "AVL")})
+@pytest.fixture(scope="module", params=["clean", "ptbxl"])
+def planted(_synth_store, request):
+    # The demo plants labels into the realistic default: the decoy heart then has a torso,
+    # artifacts and label-free disease of its own, and must still carry no label information.
+    return _synth_store.root({"records": 600, "informative_leads": ("V2", "AVL"), "realism": request.param})
 
 
 def _band_features(root, db, leads, width_hz=1):
@@ -239,6 +246,7 @@ def _check_planted(planted):
     from sklearn.preprocessing import StandardScaler
 
     truth = json.loads((planted / "synth_truth.json").read_text())
+    own_min = 0.9 if truth["realism"]["name"] == "clean" else 0.75
     assert truth["informative_leads"] == ["V2", "AVL"]
     assert truth["class_to_lead"]["rhythm"] == {"1AVB": "V2", "CRBBB": "AVL", "CLBBB": "V2",
                                                 "SBRAD": "AVL", "AFIB": "V2", "STACH": "AVL"}
@@ -256,8 +264,10 @@ def _check_planted(planted):
         auc = {name: roc_auc_score(y[:, k], cross_val_predict(clf, f, y[:, k], cv=3,
                                                               method="predict_proba")[:, 1])
                for name, f in (("own", feats[own]), ("other", feats[other]), ("rest", rest))}
-        assert auc["own"] > 0.9, (code, auc)        # the class is readable from its lead
-        assert auc["rest"] < 0.65, (code, auc)      # and invisible in the ten others
+        # The class is readable from its lead (a linear read of band powers; the realistic
+        # decoy's muscle noise and wander blur it somewhat) and invisible in the ten others.
+        assert auc["own"] > own_min, (code, auc)
+        assert auc["rest"] < 0.65, (code, auc)
         from_other[own].append(auc["other"])
     # Label correlations (CD covers 1AVB/CRBBB/CLBBB, rhythms exclude each other) let one
     # planted lead hint at the other's classes, but each lead holds a class that only it

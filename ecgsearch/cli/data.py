@@ -21,6 +21,13 @@ def register(sub) -> None:
                    help="raise each of the six rhythm/conduction codes to 15%% prevalence")
     s.add_argument("--rhythm-prevalence", type=float, default=None, metavar="P",
                    help="prevalence of each of the six codes (implies --enrich)")
+    s.add_argument("--realism", choices=("ptbxl", "clean"), default="ptbxl",
+                   help="ptbxl (default): as hard as real PTB-XL (label noise, partial and co-occurring "
+                        "signatures, patient geometry, artifacts); clean: textbook signatures, exact labels")
+    s.add_argument("--realism-set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one realism setting (docs/SYNTHETIC.md), e.g. missed=0.1; repeatable")
+    s.add_argument("--age-mean", type=float, default=62.0, help="population mean age (default 62, PTB-XL)")
+    s.add_argument("--age-sd", type=float, default=17.0, help="population age SD (default 17, PTB-XL)")
     s.set_defaults(func=_synth)
 
     q = dsub.add_parser("prepare", help="convert a PTB-XL root into a columnar cache")
@@ -47,12 +54,24 @@ def register(sub) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from ecgsearch.data.realism import get_realism, with_overrides
     from ecgsearch.data.synth import synthesize
+    from ecgsearch.engine.config import coerce_value
+    realism = get_realism(args.realism)
+    if args.realism_set:
+        kv = {}
+        for pair in args.realism_set:
+            name, sep, value = pair.partition("=")
+            if not sep:
+                raise ValueError(f"--realism-set wants NAME=VALUE, got {pair!r}")
+            kv[name.strip()] = coerce_value(value)
+        realism = with_overrides(realism, **kv)
     res = synthesize(args.out, args.records, seed=args.seed, fs=args.fs,
                      informative_leads=args.informative_leads,
-                     enrich=args.enrich, rhythm_prevalence=args.rhythm_prevalence)
+                     enrich=args.enrich, rhythm_prevalence=args.rhythm_prevalence, realism=realism,
+                     age_mean=args.age_mean, age_sd=args.age_sd)
     planted = f", planted in {','.join(res['informative_leads'])}" if res["informative_leads"] else ""
-    print(f"wrote {res['n_records']} synthetic records ({args.fs} Hz{planted}) to {res['out']} "
+    print(f"wrote {res['n_records']} synthetic records ({args.fs} Hz, realism {res['realism']}{planted}) to {res['out']} "
           f"in {res['seconds']:.1f} s ({res['records_per_s']:.0f} records/s)")
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,9 +19,11 @@ import numpy as np
 import pandas as pd
 from scipy.signal import firwin, resample_poly
 
+from ecgsearch.data.difficulty import LIKELIHOODS, likelihood_fn, realistic_diagnosis, realistic_params
 from ecgsearch.data.dipole import GEN_FS, MARGIN_S, HeartParams, render
 from ecgsearch.data.errors import DataError
 from ecgsearch.data.ptbxl import DB_FILE, STATEMENTS_FILE
+from ecgsearch.data.realism import Realism, get_realism
 from ecgsearch.data.synth_tables import (
     DB_COLUMN_ORDER,
     draw_population,
@@ -80,27 +83,34 @@ def diagnosis_labels(dx: dict) -> tuple[np.ndarray, np.ndarray]:
     rhy = {"1AVB": dx["1AVB"], "CRBBB": dx["bbb"] == "CRBBB", "CLBBB": dx["bbb"] == "CLBBB",
            "SBRAD": dx["rhythm"] == "SBRAD", "AFIB": dx["rhythm"] == "AFIB",
            "STACH": dx["rhythm"] == "STACH"}
-    cd = dx["1AVB"] or dx["bbb"] is not None or dx["lafb"]
-    sup = {"MI": dx["mi"] is not None, "STTC": dx["sttc"] is not None, "CD": cd, "HYP": dx["lvh"]}
+    cd = dx["1AVB"] or dx["bbb"] is not None or dx["lafb"] or bool(dx.get("subtle_cd"))
+    sup = {"MI": bool(dx["mi"]), "STTC": bool(dx["sttc"]), "CD": cd, "HYP": bool(dx["lvh"])}
     sup["NORM"] = not any(sup.values())
     return (np.array([rhy[c] for c in RHYTHM_CODES], dtype=np.int8),
             np.array([sup[c] for c in SUPERCLASSES], dtype=np.int8))
 
 
-def scp_codes(dx: dict, rng: np.random.Generator) -> dict[str, float]:
-    """PTB-XL style statements: rhythm statements at likelihood 0, diagnoses 15-100."""
-    lik = lambda: float(rng.choice([15.0, 35.0, 50.0, 80.0, 100.0], p=[.05, .1, .15, .3, .4]))  # noqa: E731
+def scp_codes(dx: dict, rng: np.random.Generator, lik=None) -> dict[str, float]:
+    """PTB-XL style statements: rhythm statements at likelihood 0, diagnoses 15-100.
+
+    lik: key ("mi", "sttc", "lvh", "subtle_cd") -> likelihood (difficulty.likelihood_fn);
+    None draws from PTB-XL's overall distribution of likelihoods.
+    """
+    if lik is None:
+        lik = lambda _key: float(rng.choice(LIKELIHOODS, p=[.05, .1, .15, .3, .4]))  # noqa: E731
     codes: dict[str, float] = {}
     _, sup = diagnosis_labels(dx)
     if sup[SUPERCLASSES.index("NORM")]:
         codes["NORM"] = float(rng.choice([80.0, 100.0]))
     for key in ("mi", "sttc"):
         if dx[key]:
-            codes[dx[key]] = lik()
+            codes[dx[key]] = lik(key)
     if dx["lvh"]:
-        codes["LVH"] = lik()
+        codes["LVH"] = lik("lvh")
     if dx["lafb"]:
         codes["LAFB"] = 100.0
+    if dx.get("subtle_cd"):
+        codes[dx["subtle_cd"]] = lik("subtle_cd")
     if dx["bbb"]:
         codes[dx["bbb"]] = 100.0
     if dx["1AVB"]:
@@ -240,12 +250,17 @@ def _prepare_out(out: Path) -> None:
 
 def synthesize(out: str | Path, n_records: int, seed: int = 0, fs: str | int = "100",
                informative_leads=None, *, enrich: bool = False,
-               rhythm_prevalence: float | None = None) -> dict:
+               rhythm_prevalence: float | None = None,
+               realism: "str | Realism | dict | None" = None,
+               age_mean: float = 62.0, age_sd: float = 17.0) -> dict:
     """Write a synthetic PTB-XL of `n_records` records to `out`; returns a summary dict.
 
     fs: "100", "500" or "both". informative_leads: None (physiological labels) or lead
     names for planted mode. enrich / rhythm_prevalence: raise each of the six codes to
     `rhythm_prevalence` (default 0.15 with enrich=True) instead of PTB-XL's few percent.
+    realism: "ptbxl" (default; as hard as real PTB-XL), "clean" (textbook signatures, exact
+    labels) or a Realism / dict of overrides (realism.py). Planted labels are never noised.
+    age_mean / age_sd: the population's ages (default PTB-XL's 62 +- 17).
     Deterministic in (seed, record) whatever fs is chosen.
     """
     t0 = time.perf_counter()
@@ -256,27 +271,39 @@ def synthesize(out: str | Path, n_records: int, seed: int = 0, fs: str | int = "
         raise ValueError(f"fs must be one of {', '.join(FS_CHOICES)}, got {fs!r}")
     informative = _informative(informative_leads)
     prev = _prevalence(enrich, rhythm_prevalence)
+    real = get_realism(realism)
+    textbook = replace(real, name="clean") == get_realism("clean")
     out = Path(out)
     _prepare_out(out)
-    pop = draw_population(int(n_records), np.random.default_rng([seed, 0]))
+    if not (18 <= age_mean <= 95 and 0 < age_sd <= 40):
+        raise ValueError(f"age_mean must be in [18, 95] and age_sd in (0, 40]; got {age_mean!r}, {age_sd!r}")
+    pop = draw_population(int(n_records), np.random.default_rng([seed, 0]), age_mean, age_sd)
     plan = plant_plan(informative) if informative else None
     rows, params, labels = [], [], []
     for rec in pop.itertuples(index=False):
         rng = np.random.default_rng([seed, 1, rec.ecg_id])
         dx = draw_diagnosis(rng, rec.age_true, prev)
+        rr = np.random.default_rng([seed, 2, rec.ecg_id])  # realism's own stream
+        stated = {**dx, "subtle_cd": None, "sev": {}}
         if informative:  # the dipole follows a decoy patient: no label information in it
             decoy_age = float(np.clip(rng.normal(62, 17), 18, 95))
-            hp = heart_params(draw_diagnosis(rng, decoy_age, prev), decoy_age, rec.sex, rng)
+            decoy = draw_diagnosis(rng, decoy_age, prev)
+            hp = heart_params(decoy, decoy_age, rec.sex, rng)
+            if not textbook:
+                hp = realistic_params(hp, realistic_diagnosis(decoy, rr, real)[0], decoy_age, rec.sex, rr, real)
         else:
             hp = heart_params(dx, rec.age_true, rec.sex, rng)
+            if not textbook:
+                true, stated = realistic_diagnosis(dx, rr, real)
+                hp = realistic_params(hp, true, rec.age_true, rec.sex, rr, real)
         x = render(hp, rng)
         inf_rows: list[int] = []
         if informative:
-            rhy, sup = diagnosis_labels(dx)
+            rhy, sup = diagnosis_labels(stated)
             x = np.vstack([x, _markers(plan, informative, rhy, sup, rec.age_true, rng)])
             inf_rows = [LEADS.index(ld) for ld in informative]
-        codes = scp_codes(dx, rng)
-        labels.append(np.concatenate(diagnosis_labels(dx)))
+        codes = scp_codes(dx, rng) if textbook else scp_codes(stated, rr, likelihood_fn(stated, rr, real))
+        labels.append(np.concatenate(diagnosis_labels(stated)))
         # Only I, II and V1-V6 (+ planted rows) are decimated: the other four limb leads
         # are derived from I and II in to_digital anyway.
         keep = [0, 1, *range(6, x.shape[0])]
@@ -292,11 +319,19 @@ def synthesize(out: str | Path, n_records: int, seed: int = 0, fs: str | int = "
             rel = rec.filename_lr if rate == 100 else rec.filename_hr
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             write_fmt16(out / rel, d, rate, LEADS, GAIN)
+        flags = hp.artifacts.flags() if hp.artifacts is not None else {}
         rows.append({**rec._asdict(), "scp_codes": codes, "report": report_text(codes),
-                     "heart_axis": heart_axis_label(hp.axis)})
+                     "heart_axis": heart_axis_label(hp.axis), **flags})
+        sig = diagnosis_labels({**dx, "subtle_cd": None} if textbook or informative else true)[1]
+        said = labels[-1][len(RHYTHM_CODES):]
         params.append({"ecg_id": rec.ecg_id, "hr": hp.hr, "pr_ms": 1e3 * hp.pr,
                        "qrs_ms": 1e3 * hp.qrs, "qt_ms": 1e3 * hp.qt_at_rate, "axis": hp.axis,
-                       "amp": hp.amp, "morph": hp.morph, "afib": hp.afib})
+                       "amp": hp.amp, "morph": hp.morph, "afib": hp.afib, "mi": hp.mi or "",
+                       "mi_sev": hp.mi_sev if hp.mi else 0.0, "sttc": float(hp.sttc),
+                       "lvh_strain": float(hp.lvh), "irbbb": hp.irbbb,
+                       # superclasses in the signal but not stated / stated but not in the signal
+                       "missed": ",".join(c for c, a, b in zip(SUPERCLASSES, sig, said) if a and not b),
+                       "spurious": ",".join(c for c, a, b in zip(SUPERCLASSES, sig, said) if b and not a)})
     db = pd.DataFrame(rows)
     db[list(DB_COLUMN_ORDER)].to_csv(out / DB_FILE, index=False)
     statements_frame().to_csv(out / STATEMENTS_FILE)
@@ -304,11 +339,11 @@ def synthesize(out: str | Path, n_records: int, seed: int = 0, fs: str | int = "
     truth = {"generator": "ecgsearch.data.synth (3-D dipole model)", "seed": seed,
              "n_records": int(n_records), "fs": str(fs), "rhythm_prevalence": prev,
              "informative_leads": list(informative) if informative else None,
-             "class_to_lead": plan}
+             "class_to_lead": plan, "realism": real.to_dict(), "age_mean": age_mean, "age_sd": age_sd}
     (out / "synth_truth.json").write_text(json.dumps(truth, indent=2) + "\n")
     secs = time.perf_counter() - t0
     counts = dict(zip([f"rhythm/{c}" for c in RHYTHM_CODES] + [f"superclass/{c}" for c in SUPERCLASSES],
                       np.sum(labels, axis=0).tolist()))
     return {"out": str(out), "n_records": int(n_records), "fs": str(fs), "seed": seed,
-            "informative_leads": truth["informative_leads"], "labels": counts,
+            "informative_leads": truth["informative_leads"], "labels": counts, "realism": real.name,
             "seconds": secs, "records_per_s": n_records / secs}

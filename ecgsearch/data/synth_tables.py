@@ -23,10 +23,14 @@ STATEMENTS = {
     "NORM": ("normal ECG", 1, None, None, "NORM", "NORM", "normal/abnormal"),
     "IMI": ("inferior myocardial infarction", 1, None, None, "MI", "IMI", "infarction"),
     "ASMI": ("anteroseptal myocardial infarction", 1, None, None, "MI", "AMI", "infarction"),
+    "ALMI": ("anterolateral myocardial infarction", 1, None, None, "MI", "AMI", "infarction"),
     "NDT": ("non-diagnostic T abnormalities", 1, 1, None, "STTC", "STTC", "ST-T changes"),
     "ISC_": ("non-specific ischemic", 1, None, None, "STTC", "ISC_", "ST-T changes"),
     "LVH": ("left ventricular hypertrophy", 1, None, None, "HYP", "LVH", "hypertrophy"),
     "LAFB": ("left anterior fascicular block", 1, None, None, "CD", "LAFB/LPFB", "conduction"),
+    "IRBBB": ("incomplete right bundle branch block", 1, None, None, "CD", "IRBBB", "conduction"),
+    "IVCD": ("non-specific intraventricular conduction disturbance (block)", 1, None, None, "CD", "IVCD",
+             "conduction"),
     "1AVB": ("first degree AV block", 1, None, None, "CD", "_AVB", "conduction"),
     "CRBBB": ("complete right bundle branch block", 1, None, None, "CD", "CRBBB", "conduction"),
     "CLBBB": ("complete left bundle branch block", 1, None, None, "CD", "CLBBB", "conduction"),
@@ -59,8 +63,11 @@ def heart_axis_label(axis_deg: float) -> str:
     return "MID" if axis_deg <= 90 else "RAD"
 
 
-def draw_population(n: int, rng: np.random.Generator) -> pd.DataFrame:
+def draw_population(n: int, rng: np.random.Generator, age_mean: float = 62.0, age_sd: float = 17.0) -> pd.DataFrame:
     """Patients, sexes, ages, folds and file names of `n` records, ecg_id 1..n.
+
+    Ages ~ N(age_mean, age_sd) clipped to 18-95 (PTB-XL: 62, 17); another study's demographics
+    can be matched, e.g. to test a model on that study's records.
 
     Folds are dealt to patients round-robin in random order, so a patient never spans
     two folds and the ten folds hold about n/10 records each.
@@ -72,7 +79,7 @@ def draw_population(n: int, rng: np.random.Generator) -> pd.DataFrame:
     n_pat = len(sizes)
     pid = rng.choice(np.arange(1, 10 * n + 1000), size=n_pat, replace=False)
     sex = (rng.random(n_pat) < 0.48).astype(int)            # 1 = female
-    base_age = np.clip(rng.normal(62, 17, n_pat), 18, 95)
+    base_age = np.clip(rng.normal(age_mean, age_sd, n_pat), 18, 95)
     fold = np.empty(n_pat, dtype=int)
     fold[rng.permutation(n_pat)] = np.arange(n_pat) % 10 + 1
     rec_pat = np.repeat(np.arange(n_pat), sizes)
