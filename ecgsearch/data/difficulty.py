@@ -114,12 +114,12 @@ def realistic_params(hp: HeartParams, dx: dict, age: float, sex: int, rng: np.ra
     sev = dx.get("sev", {})
     axis = sh["axis_at_20"] + sh["axis_per_year"] * pa() + n(0, sh["axis_sd"])
     axis = float(rng.uniform(-75, -45) if dx["lafb"] else np.clip(axis, -40, 110))
-    amp = (1.7 - 0.008 * pa()) * np.exp(n(0, 0.22)) * (0.85 if fem else 1.0)
+    amp = (1.9 - 0.014 * pa()) * np.exp(n(0, 0.15)) * (0.85 if fem else 1.0)
     lvh = sev.get("lvh", 1.0) if dx["lvh"] else 0.0
     if lvh:
         amp, axis = amp * (1 + 1.4 * lvh), axis - 20 * lvh
     if dx["rhythm"] == "SR":  # sinus 60-100 bpm; truncated so the rhythm codes stay exact
-        hr = _redraw(rng, 67 + 0.1 * pa() + 3 * fem, 11, 60.5, 99.5)
+        hr = _redraw(rng, 61 + 3 * fem, 11, 60.5, 99.5)
     elif dx["rhythm"] == "SBRAD":
         hr = float(rng.uniform(40, 58))
     elif dx["rhythm"] == "STACH":
@@ -127,10 +127,10 @@ def realistic_params(hp: HeartParams, dx: dict, age: float, sex: int, rng: np.ra
     else:
         hr = hp.hr
     pr = (float(rng.uniform(0.21, 0.32)) if dx["1AVB"]
-          else _redraw(rng, 0.157 + 0.0007 * pa(), 0.018, 0.11, 0.198))
+          else _redraw(rng, 0.150 + 0.0009 * pa(), 0.015, 0.11, 0.198))
     qrs, irbbb = hp.qrs, 0.0
     if dx["bbb"] is None:
-        qrs = _redraw(rng, 0.056 + 0.0003 * pa() + 0.005 * (not fem), 0.008, 0.052, 0.104)
+        qrs = _redraw(rng, 0.060 + 0.0001 * pa() + 0.005 * (not fem), 0.008, 0.052, 0.104)
         qrs += 0.008 * dx["lafb"]
         if dx["subtle_cd"] == "IRBBB":
             qrs, irbbb = float(rng.uniform(0.100, 0.118)), 0.15 + 0.35 * sev.get("subtle_cd", 1.0)
@@ -140,11 +140,13 @@ def realistic_params(hp: HeartParams, dx: dict, age: float, sex: int, rng: np.ra
     return replace(
         # Heart-rate variability falls steeply with age (respiratory sinus arrhythmia ~7 % of
         # RR at 20, ~1.5 % at 80): one of the strongest age signals a 10-s record holds.
-        hp, rsa=float(0.07 * np.exp(-pa() / 38) * np.exp(n(0, 0.3))),
+        hp, rsa=float(0.08 * np.exp(-pa() / 30) * np.exp(n(0, 0.25))),
         rr_cv=hp.rr_cv if dx["rhythm"] == "AFIB" else float(0.02 * np.exp(-pa() / 50) * np.exp(n(0, 0.3))),
         hr=hr, pr=pr, qrs=qrs, qtc=qtc, axis=axis, amp=float(amp),
-        t_amp=float((0.56 - 0.0028 * pa()) * np.exp(n(0, 0.25)) * (0.9 if fem else 1.0)),
+        t_amp=float((0.42 - 0.0025 * pa()) * np.exp(n(0, 0.2)) * (0.9 if fem else 1.0)),
         p_amp=float(0.16 * np.exp(n(0, 0.25))), mi=dx["mi"], mi_sev=sev.get("mi", 1.0),
-        mi_lost_r=0.9, mi_q=0.45, mi_q_width=0.2, st_dep=float(max(0.0, 0.0012 * pa() + n(0, 0.02))), sttc=sev.get("sttc", 1.0) if dx["sttc"] else 0.0, lvh=1.5 * lvh,
+        mi_lost_r=0.9, mi_q=0.45, mi_q_width=0.2, st_dep=float(max(0.0, 0.0008 * pa() + n(0, 0.015))),
+        # early repolarisation: ST elevation in V1-V3 of young men, fading with age
+        st_elev=float(max(0.0, (0.12 if not fem else 0.05) * np.exp(-pa() / 25) + n(0, 0.02))), sttc=sev.get("sttc", 1.0) if dx["sttc"] else 0.0, lvh=1.5 * lvh,
         jitter=r.morphology_jitter, jitter_seed=int(rng.integers(2**31)), main_dz=-0.3 * lvh, lafb=0.45 if dx["lafb"] else 0.0, irbbb=irbbb,
         shape=dict(sh), lead_m=geometry(rng, r), artifacts=draw_artifacts(rng, r))

@@ -108,6 +108,7 @@ class HeartParams:
     mi_q_width: float = 0.10  # its time spread (sigma) as a fraction of the QRS duration
     main_dz: float = 0.0      # anterior(+)/posterior(-) shift of the main QRS force (LVH: posterior)
     st_dep: float = 0.0       # lateral ST depression (mV) outside STTC/LVH (with age, as in real data)
+    st_elev: float = 0.0      # anterior ST elevation (mV): early repolarisation of the young
     # Per-patient morphology: every wave's width, timing and vector perturbed by this fraction
     # (seeded by jitter_seed), so no two hearts share one template - a model must learn the
     # signature, not the generator's exact wave shapes.
@@ -183,6 +184,8 @@ def _waves(p: HeartParams) -> list[tuple[float, float, float, np.ndarray, str]]:
     if p.sttc or p.lvh or p.st_dep:
         st = -(0.1 * max(float(p.sttc), float(p.lvh)) + p.st_dep) * np.array([0.8, 0.5, -0.4])
         waves.append((w / 2 + 0.08, 0.05, 0.05, st, "t"))
+    if p.st_elev:
+        waves.append((w / 2 + 0.07, 0.05, 0.06, p.st_elev * np.array([0.1, 0.0, 1.0]), "t"))
     if not p.afib:
         p_vec = p.p_amp * np.array([np.cos(np.deg2rad(55)), np.sin(np.deg2rad(55)), 0.25])
         waves.append((qrs_on - p.pr + 0.05, 0.022, 0.022, p_vec, "p"))

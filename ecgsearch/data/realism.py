@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 # Median QRS/T shape of the real NORM records of the PTB-XL sample (fitted by least squares on
 # their median beats at 500 Hz); the clean preset keeps the original textbook shape.
-PTBXL_SHAPE = {"axis_at_20": 70.0, "axis_per_year": -0.7, "axis_sd": 20.0, "main_z": 0.09,
-               "late": (0.067, -0.282, -0.927), "late_size": 0.41, "t_z": 0.45}
+PTBXL_SHAPE = {"axis_at_20": 65.0, "axis_per_year": -0.7, "axis_sd": 18.0, "main_z": 0.09,
+               "late": (0.067, -0.282, -0.927), "late_size": 0.41, "t_z": 0.75}
 CLEAN_SHAPE = {"axis_at_20": 76.0, "axis_per_year": -1.2, "axis_sd": 7.0, "main_z": -0.25,
                "late": (-0.35, -0.25, -0.9), "late_size": 0.35, "t_z": 0.35}
 
@@ -90,8 +90,8 @@ PRESETS = {
     "ptbxl": Realism(
         name="ptbxl", missed=0.3, spurious=0.04, likelihood_follows_severity=True,
         severity_lo=0.1, severity_beta=1.3, co_occurrence=1.6, subtle_cd=0.06,
-        borderline_intervals=True, rotation_deg=18.0, electrode_deg=8.0, lead_gain_sd=0.18,
-        habitus_sd=0.18, limb_gain=0.92, precordial_gain=(1.35, 2.5, 2.3, 2.05, 1.5, 1.2),
+        borderline_intervals=True, rotation_deg=18.0, electrode_deg=8.0, lead_gain_sd=0.12,
+        habitus_sd=0.12, limb_gain=0.92, precordial_gain=(1.35, 2.5, 2.3, 2.05, 1.5, 1.2),
         shape=dict(PTBXL_SHAPE), morphology_jitter=0.25, age_noise=3.0, wander=(0.005, 0.12), emg_p=0.35,
         mains_p=0.25, motion_p=0.08),
 }
