@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ecgsearch.data import load_cache, prepare, read_database, read_statements, synthesize  # noqa: E402
+from ecgsearch.data import load_cache, prepare, read_database, read_record, read_statements, synthesize  # noqa: E402
 from ecgsearch.data.fiducials import INTERVALS, amplitude_quantiles, measure  # noqa: E402
 from ecgsearch.engine import TrainConfig, predict_split, train  # noqa: E402
 from ecgsearch.leads import LEADS, SUPERCLASSES  # noqa: E402
@@ -71,11 +71,9 @@ def fmt(s: dict, d: int = 3) -> str:
 
 
 def signal_stats(root: Path, n: int, fs: int = 500) -> dict:
-    import wfdb
-
     db = read_database(root).head(n)
     col = "filename_hr" if fs == 500 else "filename_lr"
-    rows = [measure(wfdb.rdsamp(str(root / rel))[0].T, fs, waves=True) for rel in db[col]]
+    rows = [measure(read_record(root / rel, fs)[0], fs, waves=True) for rel in db[col]]
     iv = {k: np.array([r[k] for r in rows], dtype=float) for k in INTERVALS}
     q = {k: (np.nanquantile(v, [0.25, 0.5, 0.75]).tolist() if np.isfinite(v).any() else [math.nan] * 3)
          for k, v in iv.items()}
@@ -89,7 +87,6 @@ def figure(real_root: Path, syn_root: Path, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import wfdb
 
     def pick(root: Path) -> dict:
         db, st = read_database(root), read_statements(root)
@@ -110,7 +107,7 @@ def figure(real_root: Path, syn_root: Path, path: Path) -> None:
         for root, rel, colour, lab in ((real_root, real.get(c), "k", "real"), (syn_root, syn.get(c), "tab:red", "synthetic")):
             if rel is None:
                 continue
-            x = wfdb.rdsamp(str(root / rel))[0]
+            x = read_record(root / rel, 500)[0].T
             # Align on the first QRS after 0.5 s (all leads' summed slope above half its
             # maximum) so the two records' beats start together.
             e = np.abs(np.diff(x, axis=0)).sum(axis=1)

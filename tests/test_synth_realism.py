@@ -44,6 +44,11 @@ def test_presets_overrides_and_their_errors(tmp_path, capsys):
         with_overrides(get_realism(), missd=0.1)
     with pytest.raises(ValueError, match="spurious is a probability"):
         with_overrides(get_realism(), spurious=1.5)
+    with pytest.raises(ValueError, match="rotation_deg must be like 18.0, got 'abc'"):
+        with_overrides(get_realism(), rotation_deg="abc")
+    with pytest.raises(ValueError, match="wander must be like"):
+        with_overrides(get_realism(), wander=[0.1])
+    assert with_overrides(get_realism(), wander=[0.01, 0.1]).wander == (0.01, 0.1)
     rc = main(["data", "synth", "--out", str(tmp_path / "s"), "--records", "6", "--realism-set", "missed=2"])
     assert rc == 2 and "missed is a probability in [0, 1], got 2" in capsys.readouterr().err
     rc = main(["data", "synth", "--out", str(tmp_path / "t"), "--records", "6", "--realism", "clean",
@@ -152,6 +157,8 @@ def test_fiducial_measurements_follow_the_generator(tmp_path):
     assert (m.qrs_pp_V2 > 0).all()
     flat = measure(np.zeros((12, 5000)), 500)
     assert all(np.isnan(v) for v in flat.values())
+    with pytest.raises(ValueError, match=r"need a \(12, T\) record .* got shape \(2, 5000\)"):
+        measure(np.zeros((2, 5000)), 500)
 
 
 def test_realistic_superclasses_are_hard_to_learn(_synth_store, tmp_path):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ecgsearch.data.artifacts import Artifacts
+
 GEN_FS = 500          # render rate; 100 Hz files are decimated from it, as in PTB-XL
 MARGIN_S = 0.2        # rendered on each side so decimation filters see no edges
 _BUF_S = (-3.0, 13.0)  # beats are laid out over this span, then cut to [-MARGIN, 10+MARGIN]
@@ -117,7 +119,7 @@ class HeartParams:
     rsa: float = 0.03         # respiratory sinus arrhythmia: RR modulation depth (falls with age)
     shape: dict | None = None  # QRS/T shape (realism.PTBXL_SHAPE); None: the textbook shape
     lead_m: np.ndarray | None = None  # this patient's (12, 3) lead matrix; None: LEAD_MATRIX
-    artifacts: object | None = None   # artifacts.Artifacts; None: white noise + wander only
+    artifacts: Artifacts | None = None  # None: white noise (`noise`) and wander (`wander`) only
 
     @property
     def qt_at_rate(self) -> float:
@@ -254,19 +256,8 @@ def render(p: HeartParams, rng: np.random.Generator, noise: bool = True) -> np.n
         dip += np.outer([-0.2, 0.55, 0.8], env * np.sin(phase))
         dip += np.outer([0.5, 0.2, -0.3], 0.5 * env * np.sin(1.07 * phase + 1.0))
     leads = (LEAD_MATRIX if p.lead_m is None else p.lead_m) @ dip
-    if noise and p.artifacts is not None:
-        leads += ELECTRODE_MATRIX @ p.artifacts.electrode_noise(t, fs, rng)
-    elif noise:
-        elec = rng.standard_normal((9, n_out), dtype=np.float32)
-        elec *= np.float32(p.noise)
-        # Baseline wander (< 0.5 Hz): two sinusoids per electrode, evaluated on a 25 Hz
-        # grid and interpolated - it is smooth, and full-rate sin() was half the cost.
-        f = rng.uniform(0.05, 0.5, size=(9, 2, 1))
-        ph = rng.uniform(0, 2 * np.pi, size=(9, 2, 1))
-        amp = p.wander * rng.uniform(0.2, 1.0, size=(9, 2, 1))
-        tc = t[::fs // 25]
-        coarse = (amp * np.sin(2 * np.pi * f * tc + ph)).sum(axis=1)
-        for e in range(9):
-            elec[e] += np.interp(t, tc, coarse[e]).astype(np.float32)
-        leads += ELECTRODE_MATRIX @ elec
+    if noise:
+        # The textbook electrodes: white noise and baseline wander only.
+        art = p.artifacts or Artifacts(white=p.noise, wander=p.wander, emg=0.0, mains=0.0, motion=0.0)
+        leads += ELECTRODE_MATRIX @ art.electrode_noise(t, fs, rng)
     return leads

@@ -43,8 +43,12 @@ def measure(x: np.ndarray, fs: int, waves: bool = False) -> dict[str, float]:
     QRS (`st_`) and the T amplitude at the spatial T peak (`t_`, signed).
     """
     nan = float("nan")
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] != len(LEADS) or x.shape[1] < 2 * fs:
+        raise ValueError(f"measure: need a (12, T) record in lead order {' '.join(LEADS)} with at least "
+                         f"2 s of signal at {fs} Hz, got shape {x.shape}")
     out = dict.fromkeys(INTERVALS, nan)
-    mb = _median_beat(np.asarray(x, dtype=np.float64), fs)
+    mb = _median_beat(x, fs)
     if mb is None:
         return out
     beat, r, rr, rr_cv = mb

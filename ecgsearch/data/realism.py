@@ -118,6 +118,22 @@ def with_overrides(r: Realism, **kw) -> Realism:
     bad = sorted(set(kw) - names)
     if bad:
         raise ValueError(f"unknown realism setting(s) {', '.join(bad)}; settings: {', '.join(sorted(names))}")
+    for f in fields(Realism):
+        if f.name not in kw or f.name in ("name", "shape"):
+            continue
+        v, default = kw[f.name], getattr(r, f.name)
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, tuple):
+            ok = (isinstance(v, (list, tuple)) and len(v) == len(default)
+                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
+            kw[f.name] = tuple(float(x) for x in v) if ok else v
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not ok:
+            raise ValueError(f"realism setting {f.name} must be like {default!r}, got {v!r}")
+    if "shape" in kw and not isinstance(kw["shape"], dict):
+        raise ValueError(f"realism setting shape must be a dict of shape parameters, got {kw['shape']!r}")
     for k in ("missed", "spurious", "subtle_cd", "emg_p", "mains_p", "motion_p"):
         if k in kw and not 0.0 <= float(kw[k]) <= 1.0:
             raise ValueError(f"realism setting {k} is a probability in [0, 1], got {kw[k]!r}")

@@ -273,10 +273,10 @@ def synthesize(out: str | Path, n_records: int, seed: int = 0, fs: str | int = "
     prev = _prevalence(enrich, rhythm_prevalence)
     real = get_realism(realism)
     textbook = replace(real, name="clean") == get_realism("clean")
-    out = Path(out)
-    _prepare_out(out)
     if not (18 <= age_mean <= 95 and 0 < age_sd <= 40):
         raise ValueError(f"age_mean must be in [18, 95] and age_sd in (0, 40]; got {age_mean!r}, {age_sd!r}")
+    out = Path(out)
+    _prepare_out(out)   # only after every setting was checked: it clears an earlier data set
     pop = draw_population(int(n_records), np.random.default_rng([seed, 0]), age_mean, age_sd)
     plan = plant_plan(informative) if informative else None
     rows, params, labels = [], [], []
@@ -284,7 +284,8 @@ def synthesize(out: str | Path, n_records: int, seed: int = 0, fs: str | int = "
         rng = np.random.default_rng([seed, 1, rec.ecg_id])
         dx = draw_diagnosis(rng, rec.age_true, prev)
         rr = np.random.default_rng([seed, 2, rec.ecg_id])  # realism's own stream
-        stated = {**dx, "subtle_cd": None, "sev": {}}
+        # The heart's diagnosis and the one written down: the same unless the realism differs.
+        true = stated = {**dx, "subtle_cd": None, "sev": {}}
         if informative:  # the dipole follows a decoy patient: no label information in it
             decoy_age = float(np.clip(rng.normal(62, 17), 18, 95))
             decoy = draw_diagnosis(rng, decoy_age, prev)
@@ -322,7 +323,7 @@ def synthesize(out: str | Path, n_records: int, seed: int = 0, fs: str | int = "
         flags = hp.artifacts.flags() if hp.artifacts is not None else {}
         rows.append({**rec._asdict(), "scp_codes": codes, "report": report_text(codes),
                      "heart_axis": heart_axis_label(hp.axis), **flags})
-        sig = diagnosis_labels({**dx, "subtle_cd": None} if textbook or informative else true)[1]
+        sig = diagnosis_labels(true)[1]
         said = labels[-1][len(RHYTHM_CODES):]
         params.append({"ecg_id": rec.ecg_id, "hr": hp.hr, "pr_ms": 1e3 * hp.pr,
                        "qrs_ms": 1e3 * hp.qrs, "qt_ms": 1e3 * hp.qt_at_rate, "axis": hp.axis,
