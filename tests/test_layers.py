@@ -98,3 +98,53 @@ def test_plain_dropout_matches_torch_semantics_in_expectation():
     ref = torch.stack([F.dropout(x, 0.4, True) for _ in range(4000)]).mean(0)
     assert torch.allclose(mean, x, atol=0.08)
     assert torch.allclose(mean, ref, atol=0.12)
+
+
+@pytest.mark.parametrize("c_in,c_out,length,k,stride", [(64, 64, 256, 17, 1), (32, 48, 256, 9, 4),
+                                                        (64, 32, 64, 17, 4), (40, 24, 130, 7, 1)])
+def test_bf16_weight_gradient_is_the_convolutions_gradient(c_in, c_out, length, k, stride):
+    """models/cpu_conv: forward and input gradient are oneDNN's own (bit for bit); the weight
+    gradient is the exact gradient (float64 on the same bf16 inputs) to bf16 accuracy, as oneDNN's is."""
+    from ecgsearch.models.cpu_conv import conv_2d, use_fast_path
+    from ecgsearch.models.resnet1d import strided_padding
+
+    torch.manual_seed(0)
+    pad = strided_padding(k, stride) if stride > 1 else k // 2
+    conv = torch.nn.Conv1d(c_in, c_out, k, stride=stride, padding=pad, bias=False)
+    x = torch.randn(5, c_in, 1, length).contiguous(memory_format=torch.channels_last)
+    g = None
+
+    def run(fast: bool):
+        nonlocal g
+        xi = x.clone().requires_grad_()
+        conv.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert use_fast_path(xi, conv)
+            y = conv_2d(conv, xi) if fast else F.conv2d(xi, conv.weight.unsqueeze(2), None, (1, stride), (0, pad))
+        if g is None:
+            g = torch.randn_like(y)
+        y.backward(g)
+        return y, xi.grad, conv.weight.grad.clone()
+
+    (ya, dxa, dwa), (yb, dxb, dwb) = run(False), run(True)
+    assert torch.equal(ya, yb) and torch.equal(dxa, dxb)
+    xd = x.bfloat16().double().requires_grad_()
+    wd = conv.weight.detach().bfloat16().double().requires_grad_()
+    F.conv2d(xd, wd.unsqueeze(2), None, (1, stride), (0, pad)).backward(g.double())
+    exact = wd.grad.float()
+    scale = exact.abs().max()
+    assert (dwb - exact).abs().max() / scale < 1e-2
+    assert (dwb - exact).abs().max() / scale <= 2 * (dwa - exact).abs().max() / scale + 1e-3
+
+
+def test_bf16_weight_gradient_path_only_where_it_gains():
+    from ecgsearch.models.cpu_conv import use_fast_path
+
+    wide, stem = torch.nn.Conv1d(64, 64, 17, bias=False), torch.nn.Conv1d(12, 64, 17, bias=False)
+    x = torch.randn(2, 64, 1, 32)
+    assert not use_fast_path(x, wide)                       # fp32 training: oneDNN's fp32 kernels
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert use_fast_path(x, wide)
+        assert not use_fast_path(x, stem)                   # 12 x 17 columns: oneDNN is faster
+        with torch.no_grad():
+            assert not use_fast_path(x, wide)               # inference: nothing to differentiate

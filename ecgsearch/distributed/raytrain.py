@@ -172,6 +172,10 @@ def make_trainer(cfg, data: str | Path, settings: RayTrainSettings, callbacks=()
     settings.validate()
     # Ray Train copies these from the process that builds the trainer to its controller and workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(settings.health_check_interval_s))
+    # Ray Train's preemption watcher is one more actor (a process: ~150 MB and a second of start-up
+    # on a small node) per run, for observability only: a preempted node's trial is recovered by
+    # FailureConfig and the trial retries either way. Off unless the user turns it on.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     res = {"CPU": settings.cpus_per_worker}
     if settings.use_gpu:
         res["GPU"] = settings.gpus_per_worker

@@ -1,0 +1,103 @@
+"""resnet1d's convolutions under CPU bf16 autocast, with a faster weight gradient.
+
+Why: on CPUs with AVX512-BF16 but no AMX (this project's AMD EPYC machines), oneDNN has a
+direct bf16 kernel for the forward pass and for the input gradient of a (1, k) convolution on
+channels-last tensors, but computes the *weight* gradient with a generic GEMM fallback
+(`x64:gemm:jit` in ONEDNN_VERBOSE): 35 ms for resnet1d's 64 -> 64 layer at 1024 samples, batch
+64, against 11 ms for the forward pass with the same FLOPs. The weight gradient is a correlation,
+
+    dW[o, i, j] = sum over (b, m) of  dY[b, o, m] * Xpad[b, i, stride * m + j],
+
+that is one matrix product dY^T (O x B*M) @ U (B*M x k*I) with U the unfolded input. Here U is
+built a few samples at a time into a small reused buffer (about ROWS rows, a few MB, so it stays
+in cache) and each block's product is accumulated in float32: 25 ms for that layer
+(bench/train_throughput.py prints the whole step's profile).
+
+The forward pass and the input gradient are oneDNN's own, unchanged. The weight gradient is the
+same sum in a different order: float32 accumulation of bf16 products, rounded to bf16 once per
+block instead of once overall (tests/test_layers.py compares both with the exact gradient), and
+it is returned in float32 straight to the float32 parameter. GPUs and fp32 training never come here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ROWS = 2048   # rows of the unfolded input per product: 2048 x 1088 bf16 = 4.5 MB (measured best of 512-8192)
+# Below this many unfolded columns (in_channels x kernel) the blocks are too thin to beat oneDNN:
+# the stem (12 x 17 = 204 columns) 26 -> 32 ms and a 1x1 skip 3.8 -> 4.2 ms, forward and backward;
+# 64 x 17 = 1088 columns: 72 -> 57 ms.
+MIN_COLUMNS = 256
+PROFILE_LABEL = "ecgsearch::conv_weight_grad"
+
+
+def weight_grad(dy: torch.Tensor, x: torch.Tensor, k: int, stride: int, pad: int) -> torch.Tensor:
+    """dW (O, I, k) float32 of `conv2d(x, W[:, :, None, :], stride=(1, stride), padding=(0, pad))`
+    from the output gradient dy (B, O, 1, M) and the input x (B, I, 1, L)."""
+    B, I, _, L = x.shape
+    O, M = dy.shape[1], dy.shape[3]
+    xs = x.permute(0, 2, 3, 1).reshape(B, L, I)      # a view when x is channels-last, else a copy
+    gs = dy.permute(0, 2, 3, 1).reshape(B, M, O)
+    if k == 1 and stride == 1 and pad == 0:          # a 1x1 convolution: one plain product
+        return (gs.reshape(B * M, O).T @ xs.reshape(B * L, I)).float().unsqueeze(2)
+    xp = F.pad(xs, (0, 0, pad, pad)) if pad else xs.contiguous()
+    lp = xp.shape[1]
+    # u[b, m, j, i] = xp[b, stride * m + j, i]: the unfolded input as a view, copied block by block
+    u = xp.as_strided((B, M, k, I), (lp * I, stride * I, I, 1))
+    per = max(1, ROWS // M)
+    gt = gs.reshape(B * M, O).T     # a view: a contiguous copy's products are faster, but the copy costs more
+    buf = torch.empty((min(per, B), M, k, I), dtype=x.dtype, device=x.device)
+    acc = None
+    for b0 in range(0, B, per):
+        n = min(per, B - b0)
+        block = buf[:n]
+        block.copy_(u[b0:b0 + n])
+        part = gt[:, b0 * M:(b0 + n) * M] @ block.view(n * M, k * I)
+        acc = part.float() if acc is None else acc.add_(part)   # float32 sum of the blocks
+    return acc.view(O, k, I).permute(0, 2, 1).contiguous()
+
+
+class _Bf16Conv(torch.autograd.Function):
+    """conv2d of a bf16 (B, I, 1, L) input with a float32 (O, I, k) weight cast to bf16."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int) -> torch.Tensor:
+        w = weight.to(torch.bfloat16).unsqueeze(2)
+        ctx.save_for_backward(x, w)
+        ctx.stride, ctx.pad = stride, pad
+        return F.conv2d(x, w, None, (1, stride), (0, pad))
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dy_cl = dy.contiguous(memory_format=torch.channels_last)
+            dx = torch.ops.aten.convolution_backward(dy_cl, x, w, None, [1, ctx.stride], [0, ctx.pad], [1, 1],
+                                                     False, [0, 0], 1, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            with torch.profiler.record_function(PROFILE_LABEL):   # counted as convolution by the bench
+                dw = weight_grad(dy, x, w.shape[3], ctx.stride, ctx.pad)
+        return dx, dw, None, None
+
+
+def use_fast_path(x: torch.Tensor, conv: torch.nn.Conv1d) -> bool:
+    """Training under CPU bf16 autocast, a bias-free float32 Conv1d without groups or dilation,
+    wide enough to gain (MIN_COLUMNS)."""
+    return (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and conv.bias is None
+            and conv.groups == 1 and conv.dilation == (1,) and conv.weight.dtype == torch.float32
+            and conv.in_channels * conv.kernel_size[0] >= MIN_COLUMNS)
+
+
+def conv_2d(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """`conv` applied to a (B, C, 1, L) tensor as a (1, k) 2-D convolution, same parameters.
+
+    On a channels-last input oneDNN picks its NHWC kernels; measured on resnet1d's layers
+    (bf16, batch 64, forward + backward): 64->64 at 1024 samples 81 -> 69 ms, 64->128 142 -> 97 ms,
+    128->128 stride 4 70 -> 53 ms. The parameters stay Conv1d-shaped, so checkpoints and
+    published weights load unchanged. Training under CPU bf16 autocast takes `_Bf16Conv`.
+    """
+    if use_fast_path(x, conv):
+        return _Bf16Conv.apply(x.to(torch.bfloat16), conv.weight, conv.stride[0], conv.padding[0])
+    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, (1, conv.stride[0]), (0, conv.padding[0]))
