@@ -146,5 +146,6 @@ def test_bf16_weight_gradient_path_only_where_it_gains():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert use_fast_path(x, wide)
         assert not use_fast_path(x, stem)                   # 12 x 17 columns: oneDNN is faster
+        assert not use_fast_path(x, torch.nn.Conv1d(64, 128, 17, bias=False))   # widening, stride 1
         with torch.no_grad():
             assert not use_fast_path(x, wide)               # inference: nothing to differentiate
