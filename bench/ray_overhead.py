@@ -14,8 +14,8 @@ round in this driver are printed beside them.
 Memory is PSS summed over processes: PSS splits a shared page between the processes mapping
 it, so a cache memory-mapped by two trials counts once, while a copy per trial would count
 twice. Two sums are reported: the training workers (the processes that hold the data) and
-every Ray process above the idle baseline (the goal applies here) (adds each trial's fixed cost: its
-Tune actor, Train controller and helpers, ~1.5 GB on CPU). Without --cache it synthesises a
+every Ray process above the idle baseline, where the goal applies: it adds each trial's fixed
+cost (its Tune actor, Train controller and helpers, ~1.5 GB on CPU). Without --cache it synthesises a
 500 Hz cache (records x 12 x 5000 int16) and trains at 100 Hz, so each epoch reads all of it.
 """
 from __future__ import annotations
@@ -115,8 +115,10 @@ def plain_fresh(cfg: TrainConfig, cache: Path) -> float:
             "cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))\n"
             "t0 = time.perf_counter(); train(cfg, sys.argv[2]); print(time.perf_counter() - t0)\n")
     root = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(cache)], check=True,
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(cache)],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root})
+    if out.returncode != 0:
+        raise RuntimeError(f"the fresh-process plain training failed (exit {out.returncode}): {out.stderr[-2000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 

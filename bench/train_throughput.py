@@ -1,8 +1,9 @@
 """Training throughput of resnet1d at (12, 1024), batch 64: the engine against a plain fp32 loop.
 
 Both run side by side in one process on the same synthetic cache, in interleaved rounds of
-which each keeps its fastest (this machine's speed drifts by 15-25% within a minute). Also reports achieved GFLOP/s against a large fp32 matmul and the test-fold
-macro AUROC of both, to show the speed-up costs no accuracy.
+which each keeps its fastest (this machine's speed drifts by 15-25% within a minute). Also
+reports achieved GFLOP/s against a large fp32 matmul and the test-fold macro AUROC of both, to
+show the speed-up costs no accuracy.
 
     .venv/bin/python bench/train_throughput.py [--records 640] [--epochs 3] [--rounds 2]
 """
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--loader-threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved engine/plain rounds; each keeps its fastest")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: need at least one round")
     work = Path(tempfile.mkdtemp(prefix="ecgsearch-bench-"))
     synthesize(work / "root", args.records, seed=0, fs="100", enrich=True)
     prepare(work / "root", work / "cache", fs=100)

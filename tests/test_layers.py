@@ -101,7 +101,8 @@ def test_plain_dropout_matches_torch_semantics_in_expectation():
 
 
 @pytest.mark.parametrize("c_in,c_out,length,k,stride", [(64, 64, 256, 17, 1), (32, 48, 256, 9, 4),
-                                                        (64, 32, 64, 17, 4), (40, 24, 130, 7, 1)])
+                                                        (64, 32, 64, 17, 4), (40, 24, 130, 7, 1),
+                                                        (320, 256, 32, 1, 1)])
 def test_bf16_weight_gradient_is_the_convolutions_gradient(c_in, c_out, length, k, stride):
     """models/cpu_conv: forward and input gradient are oneDNN's own (bit for bit); the weight
     gradient is the exact gradient (float64 on the same bf16 inputs) to bf16 accuracy, as oneDNN's is."""

@@ -39,8 +39,6 @@ def weight_grad(dy: torch.Tensor, x: torch.Tensor, k: int, stride: int, pad: int
     O, M = dy.shape[1], dy.shape[3]
     xs = x.permute(0, 2, 3, 1).reshape(B, L, I)      # a view when x is channels-last, else a copy
     gs = dy.permute(0, 2, 3, 1).reshape(B, M, O)
-    if k == 1 and stride == 1 and pad == 0:          # a 1x1 convolution: one plain product
-        return (gs.reshape(B * M, O).T @ xs.reshape(B * L, I)).float().unsqueeze(2)
     xp = F.pad(xs, (0, 0, pad, pad)) if pad else xs.contiguous()
     lp = xp.shape[1]
     # u[b, m, j, i] = xp[b, stride * m + j, i]: the unfolded input as a view, copied block by block
