@@ -232,6 +232,22 @@ def test_a_cache_at_the_model_geometry_is_resampled_once_and_reads_with_no_resam
         prepare(synth_root, tmp_path / "bad", 100, target_fs=400, n_samples=0)
 
 
+def test_resampling_a_few_records_at_a_time_gives_one_calls_numbers_in_the_order_asked(synth_cache):
+    from ecgsearch.engine import inputs
+    from ecgsearch.engine.inputs import SignalSource, conform
+
+    data = load_cache(synth_cache)
+    rng = np.random.default_rng(3)
+    idx = rng.permutation(len(data))[:inputs.RESAMPLE_ROWS * 2 + 5]    # unsorted, a ragged last part
+    leads = ("V1", "I", "AVF")
+    want = conform(data.signals_mv(idx, leads=leads), data.fs, 400, 4096)
+    got = SignalSource(data, leads, 400, 4096).read(idx)
+    assert got.dtype == np.float32 and got.shape == (len(idx), 3, 4096)
+    np.testing.assert_array_equal(got, want)
+    # and row by row: the part a record falls in does not change its numbers
+    np.testing.assert_array_equal(got[7], conform(data.signals_mv(idx[7:8], leads=leads), data.fs, 400, 4096)[0])
+
+
 def test_resampled_samples_beyond_int16_are_clipped_and_listed():
     from ecgsearch.data.geometry import conform_file
 

@@ -1,4 +1,4 @@
-"""Subcommand: tune (a Ray Tune + Optuna + ASHA study; each trial a Ray Train TorchTrainer)."""
+"""Subcommand: tune (a Ray Tune + Optuna + ASHA study; DDP trials on Ray Train TorchTrainers)."""
 from __future__ import annotations
 
 import argparse

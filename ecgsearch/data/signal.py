@@ -10,7 +10,6 @@ from math import gcd
 from pathlib import Path
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from ecgsearch.data.errors import DataError
 from ecgsearch.leads import LEADS
@@ -30,6 +29,9 @@ def resample(x: np.ndarray, fs_in: int, fs_out: int) -> np.ndarray:
     x = np.asarray(x)
     if fs_in == fs_out:
         return x.copy()
+    # Imported here: scipy.signal costs a process about 40 MB, which only resampling needs.
+    from scipy.signal import resample_poly
+
     g = gcd(fs_in, fs_out)
     y = resample_poly(x, fs_out // g, fs_in // g, axis=-1)
     dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float64

@@ -101,6 +101,23 @@ def _already_done(cfg, ck) -> bool:
     return ck.epoch >= cfg.epochs or int(ck.extra.get("bad_epochs", 0)) >= cfg.early_stop_patience
 
 
+class _EpochMetrics:
+    """Each epoch's report, the same from a Ray Train worker and from a trial that trains itself:
+    the engine's metrics plus the best score so far, the epoch this attempt began at and the system."""
+
+    def __init__(self, best: _Best, system: dict[str, Any]) -> None:
+        self.best, self.system, self.first = best, system, None
+
+    def __call__(self, rep) -> dict[str, Any]:
+        if self.first is None:
+            self.first = rep.epoch
+        if rep.is_best:
+            self.best.score, self.best.epoch = float(rep.metrics["score"]), rep.epoch
+        return {**rep.metrics, "epoch": rep.epoch, "best_score": self.best.score, "best_epoch": self.best.epoch,
+                "start_epoch": self.first, "is_best": float(rep.is_best), "should_stop": float(rep.should_stop),
+                **self.system}
+
+
 def train_worker(loop: dict[str, Any]) -> None:
     """The function every TorchTrainer worker runs."""
     import ray.train
@@ -118,48 +135,47 @@ def train_worker(loop: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     system = {"device": device.type, "precision": resolve_precision(cfg.precision, device),
-              "world_size": world_size}
+              "world_size": world_size, "runner": "torchtrainer"}
 
     restored = ray.train.get_checkpoint()
     opener = restored.as_directory() if restored is not None else contextlib.nullcontext(None)
     with opener as resume_dir:
         resume = Path(resume_dir) / CKPT_FILE if resume_dir else None
-        best, first_epoch = _Best(), []
+        best = _Best()
         if resume is not None:
             ck = load_checkpoint(resume)
             best = _Best.from_resume(ck)
             if _already_done(cfg, ck):
                 return
+        epoch_metrics = _EpochMetrics(best, system)
 
         def on_epoch(rep) -> None:
-            if not first_epoch:
-                first_epoch.append(rep.epoch)
-            if rep.is_best:
-                best.score, best.epoch = float(rep.metrics["score"]), rep.epoch
-            metrics = {**rep.metrics, "epoch": rep.epoch, "best_score": best.score, "best_epoch": best.epoch,
-                       "start_epoch": first_epoch[0], "is_best": float(rep.is_best),
-                       "should_stop": float(rep.should_stop), **system}
             ckpt = None
             if rank == 0 and rep.checkpoint_dir is not None:
                 ckpt = ray.train.Checkpoint.from_directory(str(rep.checkpoint_dir))
             # Every rank reports (it is a barrier); Ray copies rank 0's folder to storage before returning.
-            ray.train.report(metrics, checkpoint=ckpt)
-            _maybe_kill(loop, rank, rep.epoch)
+            ray.train.report(epoch_metrics(rep), checkpoint=ckpt)
+            _maybe_kill(loop, rank, rep.epoch, committed=_wait_committed)
 
         train(cfg, loop["data"], resume_from=resume, on_epoch=on_epoch)
 
 
-def _maybe_kill(loop: dict[str, Any], rank: int, epoch: int) -> None:
-    if loop.get("kill_after_epoch") != epoch or rank != loop.get("kill_rank", 0):
-        return
-    marker = Path(loop["kill_marker"])
-    if marker.exists():
-        return
+def _wait_committed() -> None:
     import ray.train
 
     # Wait until the controller has committed this epoch's checkpoint, so the restart provably
     # resumes from it rather than racing the report.
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def _maybe_kill(loop: dict[str, Any], rank: int, epoch: int, committed=None) -> None:
+    if loop.get("kill_after_epoch") != epoch or rank != loop.get("kill_rank", 0):
+        return
+    marker = Path(loop["kill_marker"])
+    if marker.exists():
+        return
+    if committed is not None:
+        committed()
     marker.write_text(f"killed worker pid {os.getpid()} after epoch {epoch}\n")
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -220,6 +236,102 @@ def fit(cfg, data: str | Path, settings: RayTrainSettings, callbacks=()) -> Trai
     ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
     return TrainOutcome(m, ckpt, float(m.get("best_score", math.nan)), int(m.get("best_epoch", 0)),
                         int(m.get("start_epoch", 1)), str(result.path))
+
+
+CHECKPOINT_PATH = "checkpoint_path"   # the metric naming a trial's committed checkpoint (Tune's key)
+_METRICS_FILE = "metrics.json"
+
+
+def fit_in_trial(cfg, data: str | Path, settings: RayTrainSettings, report) -> TrainOutcome:
+    """Train one config in this process: a one-worker Tune trial that trains itself.
+
+    A one-worker TorchTrainer nests a Train controller and a worker process inside the trial's
+    own: about 4 s of start-up and two more torch processes (hundreds of MB) per trial, for
+    nothing a single process cannot do. This path keeps `fit`'s contract: the same metrics each
+    epoch (`report(metrics)`, with `checkpoint_path`), the same run folder `storage_path/name`
+    holding the latest committed epoch checkpoint, and a call with the same name resumes from it.
+    A lost process or node is recovered by Tune retrying the trial (`trials.trial_plan`), which
+    lands here again. Storage must be shared between nodes, as Ray Train's is.
+    """
+    from ecgsearch.engine import load_checkpoint, train
+    from ecgsearch.engine.runtime import pick_device, resolve_precision
+
+    settings.validate()
+    _log_like_a_worker()
+    if settings.workers != 1 or settings.storage_path is None:
+        raise ValueError(f"fit_in_trial trains one worker into a storage_path (got workers={settings.workers}, "
+                         f"storage_path={settings.storage_path!r}); use fit for more")
+    loop = loop_config(cfg, data, settings)
+    run = Path(settings.storage_path) / settings.name
+    run.mkdir(parents=True, exist_ok=True)
+    last = _last_checkpoint(run)
+    best, resume = _Best(), None
+    if last is not None:
+        resume = last / CKPT_FILE
+        ck = load_checkpoint(resume)
+        best = _Best.from_resume(ck)
+        if _already_done(cfg, ck):
+            # Killed after its last epoch committed: say that epoch again, so Tune ends the trial on it.
+            metrics = json.loads((last / _METRICS_FILE).read_text())
+            report(metrics)
+            return _outcome(metrics, last, run)
+    device = pick_device()
+    epoch_metrics = _EpochMetrics(best, {"device": device.type, "world_size": 1, "runner": "trial",
+                                         "precision": resolve_precision(cfg.precision, device)})
+    state = {}
+
+    def on_epoch(rep) -> None:
+        metrics = epoch_metrics(rep)
+        dest = _commit(run, rep.epoch, rep.checkpoint_dir, metrics)
+        state.update(metrics=metrics, dest=dest)
+        report(metrics)
+        _maybe_kill(loop, 0, rep.epoch)   # after the commit: the retry provably resumes from it
+
+    train(cfg, loop["data"], resume_from=resume, on_epoch=on_epoch)
+    return _outcome(state["metrics"], state["dest"], run)
+
+
+def _log_like_a_worker() -> None:
+    """The engine's progress lines on this process's stderr, as a Ray Train worker has them: Ray
+    forwards them to the driver (OUT/ray.log for a study, its console with --verbose)."""
+    import logging
+    import sys
+
+    logger = logging.getLogger("ecgsearch")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def _commit(run: Path, epoch: int, src: Path, metrics: dict[str, Any]) -> Path:
+    """Copy the engine's epoch checkpoint into the run folder under a temporary name, then rename:
+    a process killed mid-copy leaves the previous checkpoint whole. Only the latest is kept."""
+    import shutil
+
+    dest = run / f"checkpoint_{epoch:06d}"
+    metrics[CHECKPOINT_PATH] = str(dest)
+    tmp = run / f".partial_{epoch:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    (tmp / _METRICS_FILE).write_text(json.dumps(metrics, default=float))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    for old in run.glob("checkpoint_*"):
+        if old != dest:
+            shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def _last_checkpoint(run: Path) -> Path | None:
+    done = sorted(p for p in run.glob("checkpoint_*") if (p / _METRICS_FILE).is_file())
+    return done[-1] if done else None
+
+
+def _outcome(metrics: dict[str, Any], ckpt: Path, run: Path) -> TrainOutcome:
+    return TrainOutcome(metrics, ckpt, float(metrics.get("best_score", math.nan)), int(metrics.get("best_epoch", 0)),
+                        int(metrics.get("start_epoch", 1)), str(run))
 
 
 def has_run(storage_path: str | Path, name: str) -> bool:

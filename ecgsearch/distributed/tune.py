@@ -1,17 +1,19 @@
-"""A hyperparameter study: Ray Tune + Optuna TPE + ASHA, each trial a Ray Train `TorchTrainer`.
+"""A hyperparameter study: Ray Tune + Optuna TPE + ASHA, each trial one training (DDP on Ray Train).
 
 Layout of OUT:
     study.json        what the study is (model, task, space, base config): `--resume` checks it
     events.jsonl      trial start/complete/error events, one JSON line each, with the driver pid
     ray/<study>/      Tune's experiment state (what `Tuner.restore` continues from)
-    train/<study>/trial-<id>/   each trial's Ray Train run: epoch checkpoints, resumable
+    train/<study>/trial-<id>/   each trial's run: its latest epoch checkpoint, resumable
     tracking_backlog.json       only when MLflow missed calls: what they were, in order (--resume replays)
     best.json, best.ckpt        the best trial's resolved TrainConfig + score, and its best weights
     ray.log                     Ray's, Tune's, Optuna's and MLflow's log records (the console shows
                                 our progress display and summary lines instead, unless verbose)
 
-Trials are built by `distributed.trials`, the one trial layer a lead search uses too: the Tune
-function only drives a TorchTrainer, so it reserves no CPU (the workers hold the CPUs/GPUs).
+Trials are built by `distributed.trials`, the one trial layer a lead search uses too. A one-worker
+trial trains in its own process and holds the worker's CPUs/GPUs; a multi-worker trial only
+drives a TorchTrainer, so it reserves no CPU (its workers hold them). Either way the trial's run
+folder is train/<study>/trial-<id>/, which a retry or a --resumed study continues.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ecgsearch.distributed.cluster import (ClusterSettings, ensure_ray, max_conc
                                            require_state_api, route_ray_output)
 from ecgsearch.distributed.space import (apply_params, check_space_against_model, parse_space, space_for_model,
                                          space_summary)
-from ecgsearch.distributed.trials import build_tuner, restore_tuner
+from ecgsearch.distributed.trials import build_tuner, restore_tuner, trial_plan
 from ecgsearch.leads import leads_key
 from ecgsearch.progress import Progress
 from ecgsearch.tracking import Tracker, preflight, tracking_uri_for
@@ -114,15 +116,20 @@ class TrialResolver:
 
 
 def _trial(config: dict[str, Any], static: dict[str, Any]) -> None:
-    """Tune function: one trial = one TorchTrainer run, named after the trial so a retry resumes it."""
+    """Tune function: one trial = one training run, named after the trial so a retry resumes it.
+    One worker trains here (`fit_in_trial`, the trial's kind is `fit`); more run a TorchTrainer."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ecgsearch.distributed.raytrain import RayTrainSettings, fit
+    from ecgsearch.distributed.raytrain import RayTrainSettings, fit, fit_in_trial
 
     trial_id = tune.get_context().get_trial_id()
     cfg = static["resolver"].config(config)
     settings = RayTrainSettings(**static["train"], name=f"trial-{trial_id}")
+    if settings.workers == 1:
+        fit_in_trial(cfg, static["data"], settings, report=tune.report)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     # The same trial body as a lead search's training units (raytrain.fit); raises on failure.
     fit(cfg, static["data"], settings, callbacks=[TuneReportCallback()])
 
@@ -288,11 +295,13 @@ def _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, tas
               "train": {"workers": res.workers, "use_gpu": res.use_gpu, "cpus_per_worker": res.cpus_per_worker,
                         "gpus_per_worker": res.gpus_per_worker or 1.0, "max_failures": s.max_failures,
                         "storage_path": str(out / "train" / study)}}
+    plan = trial_plan(res.workers, res.cpus_per_worker, res.gpus_per_worker, s.max_failures)
     epochs = resolver.base["epochs"]
     verbosity = 1 if s.verbose else 0
     if resuming:
         progress.note(f"resuming study {study} from {exp_dir}")
-        tuner = restore_tuner(_trial, {"static": static}, kind="train", path=str(exp_dir))
+        tuner = restore_tuner(_trial, {"static": static}, kind=plan["kind"], path=str(exp_dir),
+                              cpus=plan["cpus"], gpus=plan["gpus"])
         # Tune restores the first session's RunConfig, verbosity included: this session's --verbose
         # decides. (A private attribute: should it go, the study still runs, only as loud as before.)
         internal = getattr(tuner, "_local_tuner", None)
@@ -302,7 +311,8 @@ def _fit(s, study, out, exp_dir, resuming, space, resolver, res, concurrent, tas
         callback = StudyCallback(uri=uri, experiment=experiment, parent_id=parent, study=study,
                                  events=str(out / "events.jsonl"), resolver=resolver, epochs=epochs)
         tuner = build_tuner(
-            _trial, {"static": static}, kind="train", name=study, storage_path=str(out / "ray"),
+            _trial, {"static": static}, kind=plan["kind"], name=study, storage_path=str(out / "ray"),
+            cpus=plan["cpus"], gpus=plan["gpus"], retries=plan["retries"],
             param_space=space.to_tune(), callbacks=[callback], verbose=verbosity,
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode=task.mode, num_samples=s.trials, max_concurrent_trials=concurrent,

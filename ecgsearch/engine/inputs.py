@@ -56,8 +56,14 @@ class Normalizer:
             raise ValueError(f"lead(s) {', '.join(flat)} are flat over the training folds; cannot normalise")
         return cls(tuple(leads), mean.astype(np.float32), std.astype(np.float32))
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.mean[None, :, None]) / self.std[None, :, None]
+    def apply(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(x - mean) / std per lead; into `out` (may be x itself) when given: the same float32
+        operations, without a batch-sized temporary."""
+        mean, std = self.mean[None, :, None], self.std[None, :, None]
+        if out is None:
+            return (x - mean) / std
+        np.subtract(x, mean, out=out)
+        return np.divide(out, std, out=out)
 
     def invert(self, x: np.ndarray) -> np.ndarray:
         return x * self.std[None, :, None] + self.mean[None, :, None]
@@ -81,6 +87,9 @@ def conform(x: np.ndarray, fs_in: int, fs: int, n_samples: int) -> np.ndarray:
     return np.ascontiguousarray(sig.pad_or_crop(x, n_samples), dtype=np.float32)
 
 
+RESAMPLE_ROWS = 16   # records per resampling call (SignalSource.read)
+
+
 class SignalSource:
     """Reads model-geometry signals (mV, not normalised) for record indices of one cache."""
 
@@ -88,13 +97,20 @@ class SignalSource:
         self.data, self.leads, self.fs, self.n_samples = data, tuple(leads), int(fs), int(n_samples)
 
     def read(self, idx: np.ndarray) -> np.ndarray:
+        # signals_mv reads rows in file order (memory-mapped pages stream) and returns them as asked.
         idx = np.asarray(idx)
-        # Sorted reads keep the memory-mapped access sequential; undo the order afterwards.
-        order = np.argsort(idx, kind="stable")
-        x = self.data.signals_mv(idx[order], leads=self.leads)
-        out = np.empty_like(x)
-        out[order] = x
-        return conform(out, self.data.fs, self.fs, self.n_samples)
+        if int(self.data.fs) == self.fs:
+            return conform(self.data.signals_mv(idx, leads=self.leads), self.data.fs, self.fs, self.n_samples)
+        # Resampling a few records at a time: resample_poly works in float64 on a copy of its
+        # input, so a whole batch (or a 256-record normaliser chunk) at 500 Hz would make ~300 MB
+        # of temporaries per call, per concurrent trial. Rows are resampled independently: the
+        # same numbers as one call.
+        out = np.empty((len(idx), len(self.leads), self.n_samples), np.float32)
+        for i in range(0, len(idx), RESAMPLE_ROWS):
+            part = idx[i:i + RESAMPLE_ROWS]
+            out[i:i + len(part)] = conform(self.data.signals_mv(part, leads=self.leads), self.data.fs, self.fs,
+                                           self.n_samples)
+        return out
 
     def iter_chunks(self, idx: np.ndarray, chunk: int = 256):
         for i in range(0, len(idx), chunk):

@@ -121,10 +121,10 @@ def batch(prep: Prepared, data, idx: np.ndarray, with_natural: bool = False):
         y = prep.target_norm.apply(raw)
         natural = raw
     else:
-        x = prep.norm.apply(raw)
+        x = prep.norm.apply(raw, out=raw)       # raw is this call's own array: normalised in place
         natural = prep.task.targets(data, idx)
         y = prep.task.encode_targets(natural, prep.target_state)
-    out = (x.astype(np.float32), np.asarray(y, np.float32))
+    out = (x.astype(np.float32, copy=False), np.asarray(y, np.float32))
     return out + (natural,) if with_natural else out
 
 
