@@ -14,7 +14,7 @@ __all__ = ["DataError", "ECGCache", "SplitConfig", "cache_info", "clean_ages", "
 
 
 def __getattr__(name: str):
-    # The generator pulls in scipy.signal (about 40 MB and 0.3 s per process): a training process
+    # The generator pulls in scipy.signal (about 40 MB and 0.6 s per process): a training process
     # reading a prepared cache never needs it, so it is loaded when first asked for.
     if name == "synthesize":
         from ecgsearch.data.synth import synthesize

@@ -2,15 +2,14 @@
 
 Why: `torch.optim.Optimizer` imports torch._dynamo (sympy, fx, inductor's config) the first time
 any of its methods runs, to wrap them for `torch.compile`, which the engine never applies to
-an optimizer. On torch 2.13 CPU that import costs every training process about 1 s and
-120 MB of private memory: a third of what a study trial holds besides the data, and what made two
-concurrent trials cost 1.4x the memory of one (bench/ray_overhead.py).
+an optimizer. On torch 2.13 CPU that import costs every training process about 1 s and 120 MB
+of private memory, which each concurrent trial pays again (bench/ray_overhead.py).
 
 `Adam` below is `torch.optim.Adam` with those methods replaced by the functions torch's wrappers
 wrap (`__wrapped__`, which `functools.wraps` keeps): the same bodies run, only the dynamo
 import around them is skipped, so training is bit-identical and checkpoints load into either
-class (tests/test_optim.py). Under torch.compile, or in a process that has imported torch._dynamo
-anyway (DDP does), nothing changes that matters: the bodies are the same.
+class (tests/test_optim.py). It is for eager training only: an optimizer step under torch.compile
+needs the graph breaks torch's wrappers add, so a compiled step should use torch's own class.
 """
 from __future__ import annotations
 
