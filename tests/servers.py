@@ -66,6 +66,14 @@ class MlflowServer:
             time.sleep(0.2)
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for port 0 (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 class RayHead:
     """A Ray head started the way a cluster user starts one (`ray start --head`), bound to
     127.0.0.1, with token auth, in a private temp folder. Only its own processes are stopped:
@@ -76,17 +84,27 @@ class RayHead:
         import tempfile
 
         self.temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")   # short: it holds the raylet's sockets
-        self.gcs_port, self.dash_port = _free_port(), _free_port()
+        # Worker ports apart from Ray's default range (10002-19999), which a session Ray may hold,
+        # and below the kernel's ephemeral range, where the free ports picked for the head's other
+        # components lie (Ray refuses to start when one of them falls inside the worker range).
+        slots = max(1, (_ephemeral_low() - 20000) // 100)
+        base = 20000 + (os.getpid() % slots) * 100
+        self.worker_ports = (base, base + 99)
+        self.gcs_port, self.dash_port = self.free_port(), self.free_port()
         self.address = f"http://127.0.0.1:{self.dash_port}"
         self.num_cpus = num_cpus
-        # Worker ports apart from Ray's default range (10002-19999), which a session Ray may hold.
-        base = 20000 + (os.getpid() % 200) * 100
-        self.worker_ports = (base, base + 99)
         # As from an activated venv: a job's `python` entrypoint is the venv's, as on a cluster node.
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
             self.env.pop(key, None)
+
+    def free_port(self) -> int:
+        """A free port outside this head's worker range."""
+        while True:
+            port = _free_port()
+            if not self.worker_ports[0] <= port <= self.worker_ports[1]:
+                return port
 
     def ray(self, *args: str, cwd: Path | None = None, token: bool = True,
             timeout: float = 300) -> subprocess.CompletedProcess:
@@ -99,12 +117,13 @@ class RayHead:
     def start(self) -> None:
         proc = self.ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}",
-                        f"--ray-client-server-port={_free_port()}", f"--num-cpus={self.num_cpus}",
+                        f"--ray-client-server-port={self.free_port()}", f"--num-cpus={self.num_cpus}",
                         # Another Ray on this machine (the test session's) holds the agents' default
                         # ports: a head on them would never get a job agent.
-                        f"--dashboard-agent-listen-port={_free_port()}",
-                        f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-                        f"--metrics-export-port={_free_port()}", f"--min-worker-port={self.worker_ports[0]}",
+                        f"--dashboard-agent-listen-port={self.free_port()}",
+                        f"--dashboard-agent-grpc-port={self.free_port()}",
+                        f"--runtime-env-agent-port={self.free_port()}",
+                        f"--metrics-export-port={self.free_port()}", f"--min-worker-port={self.worker_ports[0]}",
                         f"--max-worker-port={self.worker_ports[1]}",
                         f"--temp-dir={self.temp}", "--include-dashboard=true", "--disable-usage-stats",
                         timeout=180)
