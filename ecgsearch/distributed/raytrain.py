@@ -234,8 +234,7 @@ def fit(cfg, data: str | Path, settings: RayTrainSettings, callbacks=()) -> Trai
         raise result.error
     m = dict(result.metrics or {})
     ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
-    return TrainOutcome(m, ckpt, float(m.get("best_score", math.nan)), int(m.get("best_epoch", 0)),
-                        int(m.get("start_epoch", 1)), str(result.path))
+    return _outcome(m, ckpt, result.path)
 
 
 CHECKPOINT_PATH = "checkpoint_path"   # the metric naming a trial's committed checkpoint (Tune's key)
@@ -329,7 +328,8 @@ def _last_checkpoint(run: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _outcome(metrics: dict[str, Any], ckpt: Path, run: Path) -> TrainOutcome:
+def _outcome(metrics: dict[str, Any], ckpt: Path | None, run) -> TrainOutcome:
+    """A run's outcome from its last epoch's metrics: `fit`'s and `fit_in_trial`'s alike."""
     return TrainOutcome(metrics, ckpt, float(metrics.get("best_score", math.nan)), int(metrics.get("best_epoch", 0)),
                         int(metrics.get("start_epoch", 1)), str(run))
 
