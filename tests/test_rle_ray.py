@@ -1,13 +1,14 @@
 """The lead search on real Ray: candidates as parallel Tune trials with real MLflow (sqlite), a
 multi-worker TorchTrainer inside a trial (Train V2: the trial reserves 0 CPUs), and the faults a
-cluster user meets: a SIGKILLed training worker resumes from its last epoch checkpoint, an
+cluster user meets: a SIGKILLed training trial resumes from its last epoch checkpoint, an
 interrupted unit run again continues instead of retraining, a lost node's training goes on
 elsewhere.
 
-Every training unit on Ray is a Ray Train run (one worker here). A 1-worker TorchTrainer
-reproduces the plain engine bit for bit (engine/runtime.py `epoch_order`), and each epoch is
-seeded on its own, so a run that was killed and resumed must end exactly where an
-in-process (`executor="local"`) run of the same search ends.
+A one-worker training unit trains in its Tune trial's process (`raytrain.fit_in_trial`); a unit
+run outside a trial, or with more workers, is a Ray Train run. Both reproduce the plain engine
+bit for bit (engine/runtime.py `epoch_order`), and each epoch is seeded on its own, so a run
+that was killed and resumed must end exactly where an in-process (`executor="local"`) run of
+the same search ends.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 from ray_fixtures import ray_session  # noqa: F401
 
 from ecgsearch.engine import TrainConfig
-from ecgsearch.distributed.raytrain import FAULTS_ENV
+from ecgsearch.distributed.raytrain import FAULTS_ENV, run_metrics
 from ecgsearch.search.candidates import UNIT_FILE, UnitError, load_predictions, run_unit
 from ecgsearch.search.context import SearchSettings
 from ecgsearch.search.pipeline import run_rle, run_subsets
@@ -43,9 +44,10 @@ def settings(cache: Path, out: Path, executor: str, uri: str | None = None, **kw
 
 
 def ray_run_metrics(unit_out: Path) -> dict:
-    """Ray Train's last committed report of a unit's run (its checkpoint snapshot)."""
-    snap = json.loads((unit_out / "ray" / "train" / "checkpoint_manager_snapshot.json").read_text())
-    return snap["latest_checkpoint_result"]["metrics"]
+    """The last committed epoch report of a unit's training run, whichever runner trained it."""
+    m = run_metrics(unit_out / "ray", "train")
+    assert m is not None, f"no committed epoch under {unit_out / 'ray' / 'train'}"
+    return m
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +79,11 @@ def test_killed_worker_resumes_from_its_checkpoint_and_the_search_equals_an_unin
     assert "after epoch 1" in searches["marker"].read_text()   # the worker really was SIGKILLed
     unit_out = tmp / "ray" / "models" / "AVL-V2" / "seed0"
     m = ray_run_metrics(unit_out)
-    # Ray Train restarted the worker group from the epoch-1 checkpoint: it began at epoch 2
-    assert m["start_epoch"] == 2 and m["epoch"] == EPOCHS and m["world_size"] == 1
+    # Tune retried the killed trial, which resumed from the epoch-1 checkpoint: it began at epoch 2
+    assert m["start_epoch"] == 2 and m["epoch"] == EPOCHS and m["world_size"] == 1 and m["runner"] == "trial"
     ray_state, ref_state = _state(tmp / "ray"), _state(tmp / "local")
     assert ray_state[KILLED]["epochs_run"] == EPOCHS and len(ray_state[KILLED]["val_history"]) == EPOCHS
-    # the other units ran uninterrupted, each as its own 1-worker Ray Train run
+    # the other units ran uninterrupted, each trained in its trial
     for uid in ("train:AVL,V5@0", "train:V2,V5@0"):
         slug = uid.split(":")[1].split("@")[0].replace(",", "-")
         assert ray_run_metrics(tmp / "ray" / "models" / slug / "seed0")["start_epoch"] == 1
@@ -113,15 +115,16 @@ def _unit(searches, out: Path, **config) -> dict:
 def test_an_interrupted_unit_run_again_continues_and_another_config_starts_over(searches, tmp_path):
     unit = _unit(searches, tmp_path)
     marker = tmp_path / "killed-once"
-    # No restart budget: the kill after epoch 2 fails the unit, as a killed search would leave it.
-    with pytest.raises(UnitError, match=r"unit train:AVL,V2@0: Ray Train run .* failed"):
+    # Outside a trial the unit is a Ray Train run. No restart budget: the kill after epoch 2 fails
+    # the unit, as a killed search would leave it.
+    with pytest.raises(UnitError, match=r"unit train:AVL,V2@0: training .* failed as a Ray Train run"):
         run_unit({**unit, "max_failures": 0, "kill_after_epoch": 2, "kill_marker": str(marker)})
     assert "after epoch 2" in marker.read_text()
     assert ray_run_metrics(tmp_path / "unit")["epoch"] == 2
     # Run again (what --resume does with an unfinished unit): the folder is kept, the run resumes
     result = run_unit(unit)
     m = ray_run_metrics(tmp_path / "unit")
-    assert m["start_epoch"] == 3 and m["epoch"] == EPOCHS
+    assert m["start_epoch"] == 3 and m["epoch"] == EPOCHS and m["runner"] == "torchtrainer"
     ref = _state(searches["tmp"] / "local")[KILLED]
     assert {k: result[k] for k in TRAIN_KEYS} == pytest.approx({k: ref[k] for k in TRAIN_KEYS}, rel=1e-6)
     np.testing.assert_allclose(result["val_history"], ref["val_history"], rtol=1e-6)
@@ -130,6 +133,11 @@ def test_an_interrupted_unit_run_again_continues_and_another_config_starts_over(
     result = run_unit(other)
     assert ray_run_metrics(tmp_path / "unit")["start_epoch"] == 1 and result["epochs_run"] == 1
     assert json.loads((tmp_path / "unit" / UNIT_FILE).read_text())["config"]["lr"] == 1e-3
+    # Nor is the same config under the other runner: a run folder holds one runner's layout
+    result = run_unit({**other, "runner": "trial"})
+    m = ray_run_metrics(tmp_path / "unit")
+    assert m["runner"] == "trial" and m["start_epoch"] == 1 and result["epochs_run"] == 1
+    assert not list((tmp_path / "unit" / "ray" / "train").glob("checkpoint_manager_snapshot*"))
 
 
 # ------------------------------------------------------------ the search on Ray, tracked
@@ -200,7 +208,7 @@ def _multinode_drill(cache: str, out: str, unit_json: str) -> None:
     """Run in a fresh process (its own Ray, not the session's): a head with 0 CPUs and two
     1-CPU worker nodes on this machine, one shared folder. One training unit runs as a Tune
     trial through the search's executor; once its first epoch checkpoint is committed, the
-    node its Ray Train worker runs on is removed. Prints the unit's result as JSON."""
+    node its training runs on (the trial's process) is removed. Prints the unit's result as JSON."""
     import os
     import threading
     import time
@@ -210,7 +218,7 @@ def _multinode_drill(cache: str, out: str, unit_json: str) -> None:
     from ray.util.state import list_actors
 
     from ecgsearch.distributed.cluster import _free_port
-    from ecgsearch.search.candidates import RayTuneExecutor
+    from ecgsearch.search.executors import RayTuneExecutor
 
     if "RAY_TMPDIR" not in os.environ:
         raise RuntimeError("_multinode_drill needs a private RAY_TMPDIR (see the test): its cluster's "
@@ -223,17 +231,17 @@ def _multinode_drill(cache: str, out: str, unit_json: str) -> None:
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     unit = json.loads(unit_json)
-    snapshot = Path(unit["out_dir"]) / "ray" / "train" / "checkpoint_manager_snapshot.json"
     removed: dict = {}
 
     def remove_the_workers_node() -> None:
         while not removed:
             try:
-                epoch = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"]
+                epoch = (run_metrics(Path(unit["out_dir"]) / "ray", "train") or {}).get("epoch", 0)
             except (OSError, ValueError, KeyError, TypeError):
                 epoch = 0
             if epoch >= 1:
-                alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                # a one-worker unit trains in its Tune trial's actor (a function trial: ImplicitFunc)
+                alive = list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")],
                                     raise_on_missing_output=False)
                 hosts = [n for n in nodes if any(a.node_id == n.node_id for a in alive)]
                 if hosts:
@@ -258,8 +266,11 @@ def test_a_lost_node_mid_training_resumes_on_another_node(searches, tmp_path):
     import sys
     import tempfile
 
-    unit = _unit(searches, tmp_path)
+    # Long enough that the node goes while the unit trains (3 epochs end in a second in a trial
+    # process); its reference is the same unit trained in this process.
+    unit = _unit(searches, tmp_path, epochs=30, early_stop_patience=100)
     unit.pop("ray_train")      # the executor sets it, as in a search
+    ref = run_unit({**unit, "out_dir": str(tmp_path / "ref"), "preds": str(tmp_path / "ref.npz")})
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_rle_ray as t; "
             "t._multinode_drill(*sys.argv[2:])")
     here = Path(__file__).resolve().parent
@@ -281,8 +292,7 @@ def test_a_lost_node_mid_training_resumes_on_another_node(searches, tmp_path):
     assert drill["removed"], "the worker's node was never removed"
     m = ray_run_metrics(tmp_path / "unit")
     # the run went on from the checkpoint it had when its node went away, on the other node
-    assert m["start_epoch"] > drill["removed"]["after_epoch"] >= 1 and m["epoch"] == EPOCHS
-    ref = _state(searches["tmp"] / "local")[KILLED]
+    assert m["start_epoch"] > drill["removed"]["after_epoch"] >= 1 and m["epoch"] == 30
     result = drill["result"]
     assert {k: result[k] for k in TRAIN_KEYS} == pytest.approx({k: ref[k] for k in TRAIN_KEYS}, rel=1e-6)
     np.testing.assert_allclose(result["val_history"], ref["val_history"], rtol=1e-6)

@@ -110,3 +110,5 @@ def test_bad_subset_settings_are_clear_errors(searched, capsys):
     assert "the RLE path has no 1-lead set (it covers 2..4 leads)" in capsys.readouterr().err
     assert main(["subsets", *common, "--k", "2", "--pool", "I,V9", "--out", str(tmp / "e4")]) == 2
     assert "unknown lead 'V9'" in capsys.readouterr().err
+    assert main(["subsets", *common, "--k", "2", "--pool", POOL, "--max-failures", "-3", "--out", str(tmp / "e5")]) == 2
+    assert "max_failures=-3: -1 (forever) or a whole number >= 0" in capsys.readouterr().err

@@ -26,6 +26,18 @@ def test_trial_plan_one_worker_fits_in_the_trial_more_drive_a_torchtrainer():
     assert trial_plan(1, 1, 0, max_failures=-1)["retries"] == -1        # forever stays forever
     assert trial_plan(2, 1, 1, max_failures=2) == {"kind": "train", "cpus": 0.0, "gpus": 0.0,
                                                    "retries": TRIAL_RETRIES}
+    # asked for, one worker is a Ray Train run too (bench/rle_parallel.py compares the two)
+    assert trial_plan(1, 2, 0, max_failures=2, in_trial=False)["kind"] == "train"
+
+
+def test_a_search_executor_names_a_bad_runner_or_restart_budget(tmp_path):
+    from ecgsearch.search.executors import RayTuneExecutor
+
+    # refused before Ray is touched
+    with pytest.raises(ValueError, match="train_runner='trainer'.*'trial' or 'torchtrainer'"):
+        RayTuneExecutor(tmp_path, train_runner="trainer")
+    with pytest.raises(ValueError, match="max_failures=-2"):
+        RayTuneExecutor(tmp_path, max_failures=-2)
 
 
 def test_a_killed_one_worker_trial_resumes_from_its_commit_and_ends_as_the_uninterrupted_run(

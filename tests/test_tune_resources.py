@@ -88,8 +88,11 @@ def test_studies_and_searches_build_their_tuners_in_the_one_trial_layer():
     import inspect
 
     from ecgsearch.distributed import tune as study
-    from ecgsearch.search import candidates
+    from ecgsearch.search import candidates, executors
 
-    for mod in (study, candidates):
+    for mod in (study, executors):
         src = inspect.getsource(mod)
         assert "build_tuner(" in src and "tune.Tuner(" not in src and "with_resources(" not in src, mod.__name__
+        # and both plan a training trial the same way (in the trial, or a TorchTrainer)
+        assert "trial_plan(" in src, mod.__name__
+    assert "tune.Tuner(" not in inspect.getsource(candidates)

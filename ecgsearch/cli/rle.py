@@ -42,7 +42,9 @@ def _search_options(p: argparse.ArgumentParser, out_default: str) -> None:
                    help="probability that a batch of the shared model sees a random lead subset (default 0.5)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own output on the console (else OUT/ray.log)")
     p.add_argument("--workers-per-trial", type=int, default=1,
-                   help="Ray Train workers per training trial (>1: a TorchTrainer per trial)")
+                   help="workers per training trial (1: trains in the trial's process; >1: a DDP TorchTrainer per trial)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="restarts of a killed training from its last epoch checkpoint (-1: forever; default 2)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs (and torch threads) per trial")
     p.add_argument("--gpus-per-trial", type=float,
                    help="GPUs per trial (default: one per worker when the cluster has GPUs, else 0)")
@@ -130,6 +132,7 @@ def _settings(args):
         base=_base_config(args), min_leads=getattr(args, "min_leads", 3),
         workers_per_trial=args.workers_per_trial, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, executor=args.executor,
+        max_failures=args.max_failures,
         tracking_uri=args.tracking_uri, tracking=not args.no_tracking, experiment=args.experiment,
         baselines=not getattr(args, "no_baselines", False), resume=args.resume, repeats=args.repeats,
         epochs=args.epochs, patience=args.patience, margin=args.margin, eval_model=args.eval_model,

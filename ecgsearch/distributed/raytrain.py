@@ -305,15 +305,18 @@ def _log_like_a_worker() -> None:
 
 
 def _commit(run: Path, epoch: int, src: Path, metrics: dict[str, Any]) -> Path:
-    """Copy the engine's epoch checkpoint into the run folder under a temporary name, then rename:
-    a process killed mid-copy leaves the previous checkpoint whole. Only the latest is kept."""
+    """Move the engine's epoch checkpoint into the run folder under a temporary name, then rename:
+    a process killed mid-move leaves the previous checkpoint whole. Only the latest is kept.
+    Moved, not copied: on one filesystem (a node's scratch and its output) the checkpoint is
+    written once; across filesystems (shared storage) `shutil.move` copies it, as Ray Train does.
+    The engine writes its next epoch's checkpoint into a fresh folder of the same name."""
     import shutil
 
     dest = run / f"checkpoint_{epoch:06d}"
     metrics[CHECKPOINT_PATH] = str(dest)
     tmp = run / f".partial_{epoch:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    shutil.move(str(src), str(tmp))
     (tmp / _METRICS_FILE).write_text(json.dumps(metrics, default=float))
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
@@ -334,14 +337,32 @@ def _outcome(metrics: dict[str, Any], ckpt: Path | None, run) -> TrainOutcome:
                         int(metrics.get("start_epoch", 1)), str(run))
 
 
-def has_run(storage_path: str | Path, name: str) -> bool:
-    """Whether `storage_path/name` holds a Ray Train run that `fit` would resume (a checkpoint was
-    committed: Train V2 writes this snapshot with every checkpoint it registers)."""
+def _snapshot_file() -> str:
     try:  # a private constant: should a Ray upgrade move it, fall back to 2.60's file name
         from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as snapshot
     except ImportError:
         snapshot = "checkpoint_manager_snapshot.json"
-    return (Path(storage_path) / name / snapshot).is_file()
+    return snapshot
+
+
+def run_metrics(storage_path: str | Path, name: str) -> dict[str, Any] | None:
+    """The last committed epoch's metrics of the run at `storage_path/name`, whichever runner wrote
+    it (`fit_in_trial`'s metrics file, or Train V2's checkpoint snapshot); None when none committed."""
+    run = Path(storage_path) / name
+    last = _last_checkpoint(run)
+    if last is not None:
+        return json.loads((last / _METRICS_FILE).read_text())
+    snap = run / _snapshot_file()
+    if snap.is_file():
+        return json.loads(snap.read_text())["latest_checkpoint_result"]["metrics"]
+    return None
+
+
+def has_run(storage_path: str | Path, name: str) -> bool:
+    """Whether `storage_path/name` holds a run that `fit` or `fit_in_trial` would resume: one that
+    committed a checkpoint (Train V2 writes its snapshot with every checkpoint it registers)."""
+    run = Path(storage_path) / name
+    return (run / _snapshot_file()).is_file() or _last_checkpoint(run) is not None
 
 
 def export_best(checkpoint_dir: str | Path, dest: str | Path):

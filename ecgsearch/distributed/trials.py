@@ -25,13 +25,15 @@ TRIAL_RETRIES = 1            # Tune-level retries of a training trial (each resu
 KINDS = ("train", "fit", "work")
 
 
-def trial_plan(workers: int, cpus_per_worker: float, gpus_per_worker: float, max_failures: int) -> dict[str, Any]:
+def trial_plan(workers: int, cpus_per_worker: float, gpus_per_worker: float, max_failures: int,
+               in_trial: bool = True) -> dict[str, Any]:
     """How a training of `workers` workers runs as a trial: its kind, resources and Tune retries.
 
-    One worker trains in the trial process (`fit`): a nested TorchTrainer would add about 4 s of
+    One worker trains in the trial process (`fit`): a nested TorchTrainer would add 7-11 s of
     start-up and two torch processes per trial (bench/ray_overhead.py). More workers need Ray
-    Train's worker group and its rendezvous (`train`)."""
-    if workers == 1:
+    Train's worker group and its rendezvous (`train`), as does every training when `in_trial`
+    is False (each one a Ray Train run, e.g. to compare the two: bench/rle_parallel.py)."""
+    if workers == 1 and in_trial:
         # The worker's restart budget plus the node-loss retry a TorchTrainer trial gets on top (-1: forever).
         retries = -1 if max_failures < 0 else max_failures + TRIAL_RETRIES
         return {"kind": "fit", "cpus": cpus_per_worker, "gpus": gpus_per_worker, "retries": retries}

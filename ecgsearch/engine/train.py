@@ -47,6 +47,7 @@ class EpochReport:
     epoch: int
     metrics: dict[str, float]
     is_best: bool
+    # This epoch's resumable checkpoint (rank 0); the callback may move it away: the next epoch writes a new one.
     checkpoint_dir: Path | None
     should_stop: bool
 

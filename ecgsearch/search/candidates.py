@@ -1,4 +1,4 @@
-"""Work units of a lead search and the executors that run them in parallel.
+"""Work units of a lead search, and how one is done.
 
 A *unit* is a JSON-able dict naming one piece of work:
 - ``train``: train a model on a lead subset with one seed (a retrain candidate, an eval-mode
@@ -10,13 +10,11 @@ Every unit writes its predictions to ``preds`` (an .npz of record indices, targe
 for both folds, fp32 inference): the search computes every score, margin and interval from
 those arrays in the driver, so statistics never depend on where or how a trial ran.
 
-`run_unit` does the work in the current process. `RayTuneExecutor` runs a batch of units
-as parallel Ray Tune trials (one trial per unit; a training trial drives a TorchTrainer of
-one or more workers through `distributed.raytrain.fit`, the same body as a study's trials,
-so a lost worker resumes from its last epoch checkpoint); `LocalExecutor` runs them one
-after another in-process, calling the engine directly, for fast tests.
-Both call `on_done(unit, result)` in the driver as soon as each unit finishes, which is
-where the search saves its state: that is what makes resume exact.
+`run_unit` does the work in the current process; `search.executors` runs batches of units (in
+parallel Ray Tune trials, or one by one in-process). On Ray a training unit trains in its
+trial's process (one worker, `raytrain.fit_in_trial`) or as a DDP TorchTrainer (`raytrain.fit`);
+both commit an epoch checkpoint under the unit's folder, so a lost worker, trial or node resumes
+from its last epoch.
 """
 from __future__ import annotations
 
@@ -26,8 +24,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +123,20 @@ def _train(unit: dict) -> dict:
     return {**res, **save_predictions(unit["preds"], res["checkpoint"], unit["data"])}
 
 
-UNIT_FILE = "unit.json"   # what a unit folder's Ray Train run trains: resumed only when it matches
-RAY_RUN = "train"         # Ray Train run name inside <unit out_dir>/ray: one run per unit, always
+UNIT_FILE = "unit.json"   # what a unit folder's training run trains: resumed only when it matches
+RAY_RUN = "train"         # the training run's name inside <unit out_dir>/ray: one run per unit, always
+
+
+def _runner(unit: dict, workers: int) -> str:
+    # "trial": the unit's Tune trial trains it; "torchtrainer": a Ray Train run, as `run_unit` called
+    # outside a trial (a driver, a test) and every multi-worker unit do.
+    return "trial" if workers == 1 and unit.get("runner") == "trial" else "torchtrainer"
 
 
 def _unit_identity(unit: dict, workers: int) -> dict:
-    # What decides the training's numbers; the fault-injection and placement keys do not.
-    return {"id": unit["id"], "config": unit["config"], "data": unit["data"], "workers": workers}
+    # What decides the training's numbers and its folder's layout; fault injection and placement do not.
+    return {"id": unit["id"], "config": unit["config"], "data": unit["data"], "workers": workers,
+            "runner": _runner(unit, workers)}
 
 
 def _reuse_or_reset(unit: dict, out_dir: Path, storage: Path, workers: int) -> bool:
@@ -150,7 +154,7 @@ def _reuse_or_reset(unit: dict, out_dir: Path, storage: Path, workers: int) -> b
     except (OSError, json.JSONDecodeError):
         saved = None
     if saved == identity and has_run(storage, RAY_RUN):
-        log.info("unit %s: resuming its Ray Train run in %s", unit["id"], storage / RAY_RUN)
+        log.info("unit %s: resuming its training run in %s", unit["id"], storage / RAY_RUN)
         return True
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -162,13 +166,14 @@ def _reuse_or_reset(unit: dict, out_dir: Path, storage: Path, workers: int) -> b
 
 
 def _train_on_ray(cfg, unit: dict, out_dir: Path, workers: int) -> dict:
-    """One training unit as a W-worker TorchTrainer (W >= 1), launched from inside its Tune trial.
+    """One training unit on Ray: in its own Tune trial's process (one worker, `runner` "trial") or
+    as a W-worker TorchTrainer launched from wherever this runs.
 
-    Epoch checkpoints go to <out_dir>/ray/train, the same folder for the same unit id, so a
-    killed worker group restarts from its last epoch (FailureConfig) and an interrupted unit,
-    run again (a Tune retry, `--resume`), continues from there instead of from epoch 1.
+    Epoch checkpoints go to <out_dir>/ray/train, the same folder for the same unit id, so a killed
+    worker group (FailureConfig), a killed trial (Tune's retry) and an interrupted unit run again
+    (`--resume`) all continue from the last committed epoch instead of from epoch 1.
     """
-    from ecgsearch.distributed.raytrain import FAULT_KEYS, RayTrainSettings, export_best, fit
+    from ecgsearch.distributed.raytrain import FAULT_KEYS, RayTrainSettings, export_best, fit, fit_in_trial
     from ecgsearch.engine import load_checkpoint
 
     storage = out_dir.resolve() / "ray"
@@ -178,13 +183,20 @@ def _train_on_ray(cfg, unit: dict, out_dir: Path, workers: int) -> dict:
     settings = RayTrainSettings(workers=workers, use_gpu=gpus > 0, gpus_per_worker=gpus or 1.0,
                                 cpus_per_worker=float(unit.get("cpus_per_worker", 1.0)),
                                 storage_path=str(storage), name=RAY_RUN, **faults)
+    in_trial = _runner(unit, workers) == "trial"
     try:
-        outcome = fit(cfg, unit["data"], settings)
+        if in_trial:
+            # The search reads each unit's result at its end: per-epoch reports would only fill Tune's logs.
+            outcome = fit_in_trial(cfg, unit["data"], settings, report=lambda metrics: None)
+        else:
+            outcome = fit(cfg, unit["data"], settings)
     except Exception as exc:
-        raise UnitError(f"unit {unit['id']}: Ray Train run {storage / RAY_RUN} failed "
-                        f"(after up to {settings.max_failures} restarts): {type(exc).__name__}: {exc}") from exc
+        how = ("in its Tune trial" if in_trial
+               else f"as a Ray Train run (after up to {settings.max_failures} restarts)")
+        raise UnitError(f"unit {unit['id']}: training {storage / RAY_RUN} failed {how}: "
+                        f"{type(exc).__name__}: {exc}") from exc
     if outcome.checkpoint_dir is None:
-        raise UnitError(f"unit {unit['id']}: the TorchTrainer reported no checkpoint")
+        raise UnitError(f"unit {unit['id']}: the training run {storage / RAY_RUN} committed no checkpoint")
     # The latest epoch checkpoint holds the whole history (restored across restarts) and the best
     # weights, so the result is the same whether or not the run was interrupted.
     history = load_checkpoint(outcome.checkpoint_dir).extra.get("history", [])
@@ -212,200 +224,3 @@ def run_unit(unit: dict) -> dict:
     result.update({"started": started, "finished": time.time(), "host": socket.gethostname(),
                    "pid": os.getpid()})
     return result
-
-
-# ------------------------------------------------------------------------ executors
-
-@dataclass
-class LocalExecutor:
-    """Runs units one by one in this process (tests, debugging, tiny searches)."""
-
-    name: str = "local"
-
-    def run(self, units: Sequence[dict], on_done: OnDone, label: str = "units") -> None:
-        for unit in units:
-            try:
-                result = run_unit(unit)
-            except Exception as exc:
-                raise UnitError(f"{label}: unit {unit['id']} failed: {type(exc).__name__}: {exc}",
-                                {unit["id"]: f"{type(exc).__name__}: {exc}"}) from exc
-            on_done(unit, result)
-
-    def close(self) -> None:
-        pass
-
-
-def _tune_trial(config: dict, units: dict) -> None:
-    """Body of one Ray Tune trial: do the units of its pack, report their results once."""
-    from ray import tune
-
-    results = {u["id"]: run_unit(u) for u in units[config["unit"]]}
-    # Nested dicts would be flattened by Tune's loggers; ship the results as one JSON string.
-    tune.report({"result_json": json.dumps(results), "done": True})
-
-
-def pack_units(units: Sequence[dict]) -> dict[str, list[dict]]:
-    """Trials of a batch: a training per trial; predictions grouped by the checkpoint they read.
-
-    An eval-mode step scores N candidates of one model in seconds; N separate trials would
-    spend more on Tune's per-trial start-up than on the work, so they share one trial.
-    """
-    packs: dict[str, list[dict]] = {}
-    for u in units:
-        key = f"pack:{u['checkpoint']}" if u["kind"] == "predict" else u["id"]
-        packs.setdefault(key, []).append(u)
-    return packs
-
-
-@dataclass
-class RayTuneExecutor:
-    """Runs each batch of units as parallel Ray Tune trials on the current Ray cluster.
-
-    cpus_per_trial: CPUs (and torch threads) of a single-worker trial, or per worker.
-    gpus_per_trial: None = one GPU per worker when the cluster has GPUs, else 0.
-    workers_per_trial: workers of the TorchTrainer every training trial launches (1 included:
-      on Ray each training is a Ray Train run, checkpointed every epoch and restarted from its
-      last checkpoint when a worker dies); a training trial reserves 0 CPUs itself (Train V2
-      runs the workers as separate actors, and a trial that held a CPU while waiting for them
-      deadlocks a small node).
-    storage: folder for Tune's experiment records (one sub-folder per batch).
-    """
-
-    storage: Path
-    cpus_per_trial: float = 1.0
-    workers_per_trial: int = 1
-    gpus_per_trial: float | None = None
-    max_concurrent: int | None = None
-    address: str | None = None
-    runtime_env: dict = field(default_factory=dict)   # used when this driver joins or starts Ray
-    name: str = "ray"
-
-    def __post_init__(self) -> None:
-        import ray
-
-        from ecgsearch.distributed.cluster import ClusterSettings, ensure_ray, plan_trial_resources
-
-        # Joins RAY_ADDRESS (e.g. under `ray job submit`) or starts a local Ray whose workers
-        # import this working tree.
-        ensure_ray(ClusterSettings(address=self.address, runtime_env=self.runtime_env))
-        self.plan = plan_trial_resources(self.workers_per_trial, self.gpus_per_trial, ray.cluster_resources(),
-                                         cpus_per_worker=self.cpus_per_trial)
-        self._batch = 0
-        self._stamp = time.strftime("%Y%m%d-%H%M%S")  # batch names stay unique across resumes
-
-    def _resources(self, kind: str) -> dict[str, Any]:
-        # A training trial drives its TorchTrainer (0 CPUs); a prediction pack works in the trial.
-        gpus = min(1.0, self.plan.gpus_per_worker) if self.plan.use_gpu else 0.0
-        return {"kind": "train" if kind == "train" else "work", "cpus": self.cpus_per_trial, "gpus": gpus}
-
-    def _concurrency(self, kind: str, n_trials: int) -> int | None:
-        if kind != "train":
-            return self.max_concurrent
-        import ray
-
-        from ecgsearch.distributed.cluster import max_concurrent_trials
-
-        # 0-CPU trials would all start at once, and their trainers then queue for workers
-        # (Train V2 retries a worker group that cannot be placed): start only what fits.
-        return max_concurrent_trials(self.plan, ray.cluster_resources(), self.max_concurrent, n_trials)
-
-    def _extra(self, unit: dict, faults: dict[str, dict]) -> dict:
-        extra = {"gpus_per_worker": self.plan.gpus_per_worker, "cpus_per_worker": self.plan.cpus_per_worker}
-        if unit["kind"] == "train":
-            extra["ray_train"] = True
-            extra.update(faults.get(unit["id"], {}))
-        return extra
-
-    def run(self, units: Sequence[dict], on_done: OnDone, label: str = "units") -> None:
-        kinds = list(dict.fromkeys(u["kind"] for u in units))
-        if len(kinds) > 1:  # one resource shape per Tune run
-            for kind in kinds:
-                self.run([u for u in units if u["kind"] == kind], on_done, f"{label} ({kind})")
-            return
-        self._run(units, on_done, label)
-
-    def _run(self, units: Sequence[dict], on_done: OnDone, label: str) -> None:
-        from ray import tune
-
-        if not units:
-            return
-        from ecgsearch.distributed.raytrain import unit_faults
-        from ecgsearch.distributed.trials import build_tuner
-
-        faults = unit_faults()
-        by_id = {u["id"]: {**u, **self._extra(u, faults)} for u in units}
-        if len(by_id) != len(units):
-            raise UnitError(f"{label}: duplicate unit ids in one batch")
-        # Trial names: the unit id for a training (a retried trial resumes under it); numbered
-        # packs for predictions (their checkpoint paths are too long to be names).
-        packs = {(f"predict-seed{v[0]['seed']}-{i:03d}" if k.startswith("pack:") else _safe(k)): v
-                 for i, (k, v) in enumerate(pack_units(list(by_id.values())).items())}
-        cb = _done_callback(by_id, on_done)
-        self._batch += 1
-        kind = units[0]["kind"]
-        tuner = build_tuner(
-            _tune_trial, {"units": packs}, **self._resources(kind),
-            name=f"{self._stamp}-{self._batch:03d}-{_safe(label)}", storage_path=str(self.storage),
-            param_space={"unit": tune.grid_search(list(packs))}, callbacks=[cb],
-            # reuse_actors: a finished trial's worker process takes the next unit, so torch and
-            # ecgsearch are imported once per worker rather than once per candidate.
-            tune_config=tune.TuneConfig(max_concurrent_trials=self._concurrency(kind, len(packs)),
-                                        reuse_actors=True,
-                                        trial_name_creator=lambda t: _safe(t.config["unit"]),
-                                        trial_dirname_creator=lambda t: _safe(t.config["unit"])))
-        grid = tuner.fit()
-        errors = {uid: msg for pack, msg in cb.errors.items() for uid in (u["id"] for u in packs[pack])}
-        for res in grid:
-            if res.error is not None:
-                for uid in (u["id"] for u in packs[res.config["unit"]]):
-                    errors.setdefault(uid, f"{type(res.error).__name__}: {res.error}")
-        unfinished = [uid for uid in by_id if uid not in cb.finished and uid not in errors]
-        if unfinished and not errors:
-            # Tune stops a run on SIGINT and returns instead of raising: nothing failed, the
-            # search was interrupted; the finished units are in the state already.
-            raise SearchInterrupted(f"{label}: stopped before {len(unfinished)} trial(s) finished; "
-                                    "run again with --resume to continue")
-        errors.update({uid: "no result reported" for uid in unfinished})
-        if errors:
-            detail = "; ".join(f"{uid}: {msg}" for uid, msg in sorted(errors.items()))
-            raise UnitError(f"{label}: {len(errors)} of {len(by_id)} trial(s) failed: {detail}", errors)
-
-    def close(self) -> None:
-        pass
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120]
-
-
-def _done_callback(units: dict, on_done: OnDone):
-    """Driver-side Tune hook that hands each finished trial's result to the search at once."""
-    from ray import tune
-
-    class DoneCallback(tune.Callback):
-        # No closure over the search: cloudpickle would serialise it with the class.
-        def __init__(self, units: dict, on_done: OnDone) -> None:
-            self.finished: set[str] = set()
-            self.errors: dict[str, str] = {}
-            self.units, self.on_done = units, on_done
-
-        def __getstate__(self) -> dict:
-            # Tune pickles callbacks into its experiment state; the search resumes from its own
-            # state.json, so the live hooks (which reach the search context) stay behind.
-            return {"finished": self.finished, "errors": self.errors, "units": {}, "on_done": None}
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            pack = trial.config["unit"]
-            raw = (trial.last_result or {}).get("result_json")
-            if raw is None:
-                self.errors[pack] = "trial ended without reporting a result"
-                return
-            for uid, result in json.loads(raw).items():
-                self.finished.add(uid)
-                self.on_done(self.units[uid], result)
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.errors[trial.config["unit"]] = str(getattr(trial, "error_msg", None)
-                                                    or "trial raised an error (see the Tune logs)")
-
-    return DoneCallback(units, on_done)

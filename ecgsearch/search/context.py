@@ -20,7 +20,8 @@ from ecgsearch.engine import TrainConfig
 from ecgsearch.leads import LEADS, leads_key, parse_leads
 from ecgsearch.models import list_models
 from ecgsearch.progress import Progress
-from ecgsearch.search.candidates import LocalExecutor, RayTuneExecutor, _safe, load_predictions
+from ecgsearch.search.candidates import load_predictions
+from ecgsearch.search.executors import LocalExecutor, RayTuneExecutor, _safe
 from ecgsearch.search.state import SearchState
 from ecgsearch.tasks import get_task
 from ecgsearch.tracking import NullTracker, Tracker, make_tracker
@@ -61,6 +62,7 @@ class SearchSettings:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float | None = None                    # None: one GPU per worker when the cluster has GPUs
     max_concurrent: int | None = None
+    max_failures: int = 2                                  # restarts of a training from its last epoch (-1: forever)
     executor: str = "ray"
     tracking_uri: str | None = None                        # None: $MLFLOW_TRACKING_URI or sqlite in OUT
     tracking: bool = True
@@ -88,6 +90,8 @@ class SearchSettings:
         if self.executor == "local" and self.workers_per_trial > 1:
             raise ValueError(f"invalid settings workers_per_trial={self.workers_per_trial} with executor=local: "
                              "multi-worker training runs on Ray (use --executor ray)")
+        if int(self.max_failures) != self.max_failures or self.max_failures < -1:
+            raise ValueError(f"invalid setting max_failures={self.max_failures!r}: -1 (forever) or a whole number >= 0")
         if not self.cpus_per_trial > 0:
             raise ValueError(f"invalid setting cpus_per_trial={self.cpus_per_trial}: must be > 0")
         if self.model not in list_models():
@@ -178,6 +182,7 @@ class SearchContext:
                                                 workers_per_trial=settings.workers_per_trial,
                                                 gpus_per_trial=settings.gpus_per_trial,
                                                 max_concurrent=settings.max_concurrent,
+                                                max_failures=settings.max_failures,
                                                 runtime_env=settings.runtime_env)
             else:
                 self.executor = LocalExecutor()
