@@ -26,7 +26,7 @@ from ecgsearch.engine import TrainConfig, evaluate, train  # noqa: E402
 from ecgsearch.engine.runtime import cpu_bf16_supported  # noqa: E402
 from ecgsearch.metrics import classification_metrics  # noqa: E402
 from ecgsearch.models import create_model  # noqa: E402
-from ecgsearch.models.cpu_conv import PROFILE_LABEL  # noqa: E402
+from ecgsearch.models.cpu_conv import PROFILE_LABEL, cpu_has_amx, weight_grad_mode  # noqa: E402
 from ecgsearch.models.layers import Dropout  # noqa: E402
 
 
@@ -158,7 +158,8 @@ def main() -> None:
     synthesize(work / "root", args.records, seed=0, fs="100", enrich=True)
     prepare(work / "root", work / "cache", fs=100)
     data = load_cache(work / "cache")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu bf16: {cpu_bf16_supported()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu bf16: {cpu_bf16_supported()}, "
+          f"AMX: {cpu_has_amx()}; bf16 weight gradients by {weight_grad_mode()} (models/cpu_conv.py)")
 
     cfg = TrainConfig(model="resnet1d", task="rhythm", epochs=args.epochs, batch_size=64, bootstrap=0,
                       early_stop_patience=args.epochs + 1, loader_threads=args.loader_threads)

@@ -103,10 +103,12 @@ def test_plain_dropout_matches_torch_semantics_in_expectation():
 @pytest.mark.parametrize("c_in,c_out,length,k,stride", [(64, 64, 256, 17, 1), (32, 48, 256, 9, 4),
                                                         (64, 32, 64, 17, 4), (40, 24, 130, 7, 1),
                                                         (320, 256, 32, 1, 1)])
-def test_bf16_weight_gradient_is_the_convolutions_gradient(c_in, c_out, length, k, stride):
+def test_bf16_weight_gradient_is_the_convolutions_gradient(c_in, c_out, length, k, stride, monkeypatch):
     """models/cpu_conv: forward and input gradient are oneDNN's own (bit for bit); the weight
-    gradient is the exact gradient (float64 on the same bf16 inputs) to bf16 accuracy, as oneDNN's is."""
-    from ecgsearch.models.cpu_conv import conv_2d, use_fast_path
+    gradient is the exact gradient (float64 on the same bf16 inputs) to bf16 accuracy, as oneDNN's is.
+    The engine's path is forced: `auto` leaves AMX CPUs to oneDNN, and this must hold everywhere."""
+    from ecgsearch.models.cpu_conv import WEIGHT_GRAD_ENV, conv_2d, use_fast_path
+    monkeypatch.setenv(WEIGHT_GRAD_ENV, "engine")
     from ecgsearch.models.resnet1d import strided_padding
 
     torch.manual_seed(0)
@@ -138,11 +140,23 @@ def test_bf16_weight_gradient_is_the_convolutions_gradient(c_in, c_out, length, 
     assert (dwb - exact).abs().max() / scale <= 2 * (dwa - exact).abs().max() / scale + 1e-3
 
 
-def test_bf16_weight_gradient_path_only_where_it_gains():
-    from ecgsearch.models.cpu_conv import use_fast_path
+def test_bf16_weight_gradient_path_only_where_it_gains(monkeypatch):
+    from ecgsearch.models.cpu_conv import WEIGHT_GRAD_ENV, cpu_has_amx, use_fast_path, weight_grad_mode
 
     wide, stem = torch.nn.Conv1d(64, 64, 17, bias=False), torch.nn.Conv1d(12, 64, 17, bias=False)
     x = torch.randn(2, 64, 1, 32)
+    # auto: oneDNN's own weight gradient on AMX (it runs on the tile unit there), the engine's elsewhere
+    monkeypatch.delenv(WEIGHT_GRAD_ENV, raising=False)
+    assert weight_grad_mode() == ("onednn" if cpu_has_amx() else "engine")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert use_fast_path(x, wide) == (not cpu_has_amx())
+    monkeypatch.setenv(WEIGHT_GRAD_ENV, "onednn")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not use_fast_path(x, wide)
+    monkeypatch.setenv(WEIGHT_GRAD_ENV, "fast")
+    with pytest.raises(ValueError, match=f"{WEIGHT_GRAD_ENV}='fast'.*auto, engine, onednn"):
+        weight_grad_mode()
+    monkeypatch.setenv(WEIGHT_GRAD_ENV, "engine")
     assert not use_fast_path(x, wide)                       # fp32 training: oneDNN's fp32 kernels
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert use_fast_path(x, wide)

@@ -1,6 +1,6 @@
-"""resnet1d's convolutions under CPU bf16 autocast, with a faster weight gradient.
+"""resnet1d's convolutions under CPU bf16 autocast, with a faster weight gradient where oneDNN lacks one.
 
-Why: on CPUs with AVX512-BF16 but no AMX (this project's AMD EPYC machines), oneDNN has a
+Why: on CPUs with AVX512-BF16 but no AMX (e.g. AMD EPYC), oneDNN has a
 direct bf16 kernel for the forward pass and for the input gradient of a (1, k) convolution on
 channels-last tensors, but computes the *weight* gradient with a generic GEMM fallback
 (`x64:gemm:jit` in ONEDNN_VERBOSE): 35 ms for resnet1d's 64 -> 64 layer at 1024 samples, batch
@@ -18,8 +18,16 @@ The forward pass and the input gradient are oneDNN's own, unchanged. The weight 
 same sum in a different order: float32 accumulation of bf16 products, rounded to bf16 once per
 block instead of once overall (tests/test_layers.py compares both with the exact gradient), and
 it is returned in float32 straight to the float32 parameter. GPUs and fp32 training never come here.
+
+With AMX (Intel Sapphire Rapids and later) oneDNN's weight gradient runs on the tile unit and is
+the faster one: bench/train_throughput.py on a 2-core Xeon with AMX, whole engine against the plain
+fp32 loop, 4.62x with oneDNN's against 4.10x with this one (bf16 convolutions 164 vs 195 ms a step).
+So `auto` takes this path only on CPUs without AMX; $ECGSEARCH_CPU_WEIGHT_GRAD=engine|onednn forces one.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +38,26 @@ ROWS = 2048   # rows of the unfolded input per product: 2048 x 1088 bf16 = 4.5 M
 # 64 x 17 = 1088 columns: 72 -> 57 ms.
 MIN_COLUMNS = 256
 PROFILE_LABEL = "ecgsearch::conv_weight_grad"
+WEIGHT_GRAD_ENV = "ECGSEARCH_CPU_WEIGHT_GRAD"
+WEIGHT_GRAD_MODES = ("auto", "engine", "onednn")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx() -> bool:
+    try:   # torch's own probe of the CPU (cpuinfo); absent from some builds
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def weight_grad_mode() -> str:
+    """Who computes bf16 weight gradients on this CPU: "engine" (`weight_grad`) or "onednn"."""
+    mode = os.environ.get(WEIGHT_GRAD_ENV, "auto")
+    if mode not in WEIGHT_GRAD_MODES:
+        raise ValueError(f"{WEIGHT_GRAD_ENV}={mode!r}: expected one of {', '.join(WEIGHT_GRAD_MODES)}")
+    if mode == "auto":
+        return "onednn" if cpu_has_amx() else "engine"
+    return mode
 
 
 def weight_grad(dy: torch.Tensor, x: torch.Tensor, k: int, stride: int, pad: int) -> torch.Tensor:
@@ -82,15 +110,17 @@ class _Bf16Conv(torch.autograd.Function):
 
 
 def use_fast_path(x: torch.Tensor, conv: torch.nn.Conv1d) -> bool:
-    """Training under CPU bf16 autocast, a bias-free float32 Conv1d without groups or dilation,
-    wide enough to gain (MIN_COLUMNS)."""
+    """Training under CPU bf16 autocast on a CPU whose oneDNN lacks a fast bf16 weight gradient
+    (`weight_grad_mode`), a bias-free float32 Conv1d without groups or dilation, wide enough to
+    gain (MIN_COLUMNS)."""
     return (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16 and conv.bias is None
             and conv.groups == 1 and conv.dilation == (1,) and conv.weight.dtype == torch.float32
             and conv.in_channels * conv.kernel_size[0] >= MIN_COLUMNS
             # oneDNN's own is as fast or faster where a stride-1 convolution widens the channels
             # (resnet1d's 64->128, 128->196, 196->256: 45 vs 45, 21 vs 30, 12 vs 13 ms)
-            and not (conv.stride[0] == 1 and conv.out_channels > conv.in_channels))
+            and not (conv.stride[0] == 1 and conv.out_channels > conv.in_channels)
+            and weight_grad_mode() == "engine")
 
 
 def conv_2d(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
