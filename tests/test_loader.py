@@ -57,6 +57,24 @@ def test_batches_equal_the_host_path(synth_cache, task, leads, geometry):
                 np.testing.assert_array_equal(a.natural, b.natural)
 
 
+def test_blocked_gather_and_normalise_equals_the_host_path_and_refuses_bad_indices(synth_cache, monkeypatch):
+    """The CPU fast path gathers and normalises a few records at a time (`BLOCK_BYTES`): blocks of
+    3 records leave a short block in every batch; an index past the cache is refused, never clipped."""
+    data = load_cache(synth_cache)
+    prep, train_idx = P.fit(TrainConfig(task="superclass", n_samples=1000, **FAST), data)
+    monkeypatch.setattr(L, "BLOCK_BYTES", 3 * 4 * 12 * 1000)
+    idx = np.random.default_rng(1).permutation(train_idx)[:100]
+    ref = _host(prep, data, idx)
+    for threads in (0, 2):
+        got = _batches(prep, data, idx, threads, reuse=True)
+        assert len(got) == len(ref) and all(torch.equal(a.x, b.x) and torch.equal(a.y, b.y) for a, b in zip(ref, got))
+    bad = np.array([0, len(data)])
+    with pytest.raises(IndexError, match=f"record index {len(data)} out of range for a cache of {len(data)}"):
+        list(Loader(prep, data, "cpu", threads=0).batches([bad], reuse=True))
+    with pytest.raises(IndexError, match=f"index {len(data)} is out of bounds"):    # numpy's own gather
+        list(Loader(prep, data, "cpu", threads=0).batches([bad], reuse=False))
+
+
 def test_training_weights_are_unchanged_by_the_loader(synth_cache, monkeypatch):
     cfg = TrainConfig(model="resnet1d_tiny", task="rhythm", epochs=2, seed=3, lr=3e-3, **FAST)
     with monkeypatch.context() as m:            # the engine before the loader
