@@ -60,6 +60,29 @@ def rate(batches_of_epoch, n_per_epoch: int, seconds: float) -> float:
     return done / (time.perf_counter() - t0)
 
 
+def step_profile(geo, prep, chunks) -> tuple[float, float, float]:
+    """Milliseconds per batch, on the current CPUs, of the loader's two steps on its CPU path and
+    of a plain copy: where its rate is bounded."""
+    from ecgsearch.engine.loader import _Norm
+
+    norm, shape = _Norm(prep.norm, geo.gain, "cpu"), (len(chunks[0]), *geo.signals.shape[1:])
+    adu, out = torch.empty(shape, dtype=torch.int16), torch.empty(shape)
+
+    def per_batch(fn) -> float:
+        fn(chunks[0])
+        t0 = time.perf_counter()
+        for c in chunks * 5:
+            fn(c)
+        return 1e3 * (time.perf_counter() - t0) / (5 * len(chunks))
+
+    full = [c for c in chunks if len(c) == shape[0]]
+    chunks = full or chunks[:1]
+    gather = per_batch(lambda c: np.take(geo.signals, c, axis=0, out=adu.numpy(), mode="clip"))
+    normalise = per_batch(lambda c: norm(adu, out))
+    copy = per_batch(lambda c: geo.signals[np.sort(c)])
+    return gather, normalise, copy
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=512)
@@ -103,6 +126,7 @@ def main() -> int:
             out["loader, one core"] = rate(loader_epoch(None), n, args.seconds)       # in place: no hand-offs
             out["loader, one core, 1 worker thread"] = rate(loader_epoch(1), n, args.seconds)
             out["per-batch path, one core"] = rate(old_epoch, n, max(1.0, args.seconds / 3))
+            prof = step_profile(geo, prep_geo, chunks)
         with cpus(2) as k:
             out[f"copy, {k} CPUs"] = rate(copy_epoch, n, args.seconds)
             out[f"loader, 1 worker thread, {k} CPUs"] = rate(loader_epoch(1), n, args.seconds)
@@ -110,6 +134,8 @@ def main() -> int:
         for name, v in out.items():
             print(f"{name:<36s} {v:10.0f} samples/s")
         loader, copy, old = out["loader, one core"], out["copy, one core"], out["per-batch path, one core"]
+        print("one core, per batch of %d: gather %.2f ms, normalise %.2f ms (int16 -> float32, / gain, - mean, "
+              "/ std: the host path's operations, for bit-identity), a plain copy %.2f ms" % (args.batch, *prof))
         print(f"goal: loader >= 25,000 samples/s on one core ({'met' if loader >= 25_000 else 'NOT met'}) and "
               f">= 30% of the copy ({'met' if loader >= 0.3 * copy else 'NOT met'})")
         print(f"RATIO loader / copy: {100 * loader / copy:.0f}%")
