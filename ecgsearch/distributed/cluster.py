@@ -34,6 +34,10 @@ class ClusterSettings:
     address: str | None = None            # None: RAY_ADDRESS when set, else start a local Ray
     num_cpus: int | None = None           # local Ray only (None: all cores)
     num_gpus: int | None = None           # local Ray only
+    # A local Ray's GCS, raylet, object manager and workers listen on this address. Loopback: nothing
+    # outside this machine reaches them (Ray's default is the machine's own address). A node that
+    # other nodes must join is started with `ray start --head --node-ip-address=...` instead.
+    node_ip: str = "127.0.0.1"
     runtime_env: dict[str, Any] = field(default_factory=dict)
     # Ray Train V2 needs the dashboard's state API: when Tune stops a trial (ASHA) its trainer's
     # controller dies abruptly, and only the PlacementGroupCleaner, which asks the state API
@@ -167,6 +171,25 @@ def _keep_sigterm_handler():
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _node_ip(address: str):
+    """ray.init(_node_ip_address=...) swaps a loopback address for the machine's own, unless Ray
+    thinks clusters are off (its Windows/macOS default): say so while it starts, so a loopback
+    node stays on loopback. Every process it starts is handed the resolved address. A private
+    constant: should an upgrade move it, Ray starts on the machine's address as before."""
+    from ray._private import ray_constants
+
+    if address not in ("127.0.0.1", "localhost", "::1") or not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
 def ensure_ray(settings: ClusterSettings | None = None) -> str:
     """Make sure this process is connected to Ray: 'reused', 'joined' or 'started'."""
     import ray
@@ -200,9 +223,9 @@ def ensure_ray(settings: ClusterSettings | None = None) -> str:
         port = _free_port()
         kwargs["dashboard_port"] = port
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    with _keep_sigterm_handler():
+    with _keep_sigterm_handler(), _node_ip(s.node_ip):
         ray.init(num_cpus=s.num_cpus, num_gpus=s.num_gpus, include_dashboard=s.include_dashboard,
-                 dashboard_host="127.0.0.1", **kwargs)
+                 dashboard_host="127.0.0.1", _node_ip_address=s.node_ip, **kwargs)
     ray_log.info("started local Ray: %s", ray.cluster_resources())
     _log_session()
     return "started"
