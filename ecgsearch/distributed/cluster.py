@@ -173,10 +173,10 @@ def _keep_sigterm_handler():
 
 @contextlib.contextmanager
 def _node_ip(address: str):
-    """ray.init(_node_ip_address=...) swaps a loopback address for the machine's own, unless Ray
-    thinks clusters are off (its Windows/macOS default): say so while it starts, so a loopback
-    node stays on loopback. Every process it starts is handed the resolved address. A private
-    constant: should an upgrade move it, Ray starts on the machine's address as before."""
+    """ray.init swaps a loopback address (a node's, or the cluster address it joins) for the
+    machine's own, unless Ray thinks clusters are off (its Windows/macOS default): say so while it
+    starts or joins, so loopback stays loopback. Every process it starts is handed the resolved
+    address. A private constant: should an upgrade move it, Ray uses the machine's address as before."""
     from ray._private import ray_constants
 
     if address not in ("127.0.0.1", "localhost", "::1") or not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
@@ -205,7 +205,10 @@ def ensure_ray(settings: ClusterSettings | None = None) -> str:
             raise ClusterError(f"num_cpus/num_gpus size a local Ray only; the cluster at {address} "
                                "has its own resources")
         try:
-            with _keep_sigterm_handler():
+            # A loopback address stays loopback: Ray would dial the machine's own address instead,
+            # where a loopback-only head does not listen.
+            host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+            with _keep_sigterm_handler(), _node_ip(host):
                 ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(f"could not join the Ray cluster at RAY_ADDRESS={address}: {exc}") from None
