@@ -35,8 +35,8 @@ class ClusterSettings:
     num_cpus: int | None = None           # local Ray only (None: all cores)
     num_gpus: int | None = None           # local Ray only
     # A local Ray's GCS, raylet, object manager and workers listen on this address. Loopback: nothing
-    # outside this machine reaches them (Ray's default is the machine's own address). A node that
-    # other nodes must join is started with `ray start --head --node-ip-address=...` instead.
+    # outside this machine reaches them (Ray's default is the machine's own address). A head that
+    # other nodes join is started with `ray start --head` instead (cluster/cluster.yaml).
     node_ip: str = "127.0.0.1"
     runtime_env: dict[str, Any] = field(default_factory=dict)
     # Ray Train V2 needs the dashboard's state API: when Tune stops a trial (ASHA) its trainer's
