@@ -67,16 +67,15 @@ def step_profile(geo, prep, chunks) -> tuple[float, float, float]:
 
     norm, shape = _Norm(prep.norm, geo.gain, "cpu"), (len(chunks[0]), *geo.signals.shape[1:])
     adu, out = torch.empty(shape, dtype=torch.int16), torch.empty(shape)
+    full = [c for c in chunks if len(c) == shape[0]]     # whole batches only: one buffer shape
 
     def per_batch(fn) -> float:
-        fn(chunks[0])
+        fn(full[0])
         t0 = time.perf_counter()
-        for c in chunks * 5:
+        for c in full * 5:
             fn(c)
-        return 1e3 * (time.perf_counter() - t0) / (5 * len(chunks))
+        return 1e3 * (time.perf_counter() - t0) / (5 * len(full))
 
-    full = [c for c in chunks if len(c) == shape[0]]
-    chunks = full or chunks[:1]
     gather = per_batch(lambda c: np.take(geo.signals, c, axis=0, out=adu.numpy(), mode="clip"))
     normalise = per_batch(lambda c: norm(adu, out))
     copy = per_batch(lambda c: geo.signals[np.sort(c)])

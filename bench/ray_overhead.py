@@ -261,9 +261,9 @@ def main() -> int:
         f"{label} {sorted(v)[len(v) // 2]:.2f} s" for label, v in r["controller_phases_s"].items() if v))
     print(f"training processes' memory: 1 trial {r['workers_1_trial_mb']:.0f} MB, 2 concurrent "
           f"{r['workers_2_trial_mb']:.0f} MB: {r['memory_ratio']:.2f}x; cache {data_mb:.0f} MB")
-    print(f"each concurrent trial adds {r['ray_2_trial_mb'] - r['ray_1_trial_mb']:.0f} MB (its own process: "
-          f"imports and working set; the {data_mb:.0f} MB cache is mapped once, shared)")
     added = r["ray_2_trial_mb"] - r["ray_1_trial_mb"]
+    print(f"each concurrent trial adds {added:.0f} MB (its own process: "
+          f"imports and working set; the {data_mb:.0f} MB cache is mapped once, shared)")
     # 1 + added / one <= 1.3 from this one-trial footprint on; its non-data part stays as measured
     r["break_even_cache_mb"] = added / 0.3 - (r["ray_1_trial_mb"] - data_mb)
     print(f"a trial process's private memory at its peak: {r['trial_anon_mb']:.0f} MB (anonymous: imports, "

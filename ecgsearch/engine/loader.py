@@ -158,7 +158,7 @@ class Loader:
         """int16 (n, source leads, model length) in the order asked (one gather: page-cache reads
         need no sorting). The centred zero padding is 0 adu = 0 mV, what the host path pads with."""
         sig_ = self.data.signals
-        if self._lead_idx is None and sig_.shape[2] == self.prep.n_samples and slot is not None:
+        if slot is not None and self._whole_records():
             out = self._buffer(slot, (len(idx), *sig_.shape[1:]), torch.int16).numpy()
             # Into a reused buffer: no page faults. mode="raise" would gather into a hidden
             # temporary and copy it over (numpy buffers `out` so that a bad index leaves it
@@ -189,25 +189,24 @@ class Loader:
             x, y, *nat = p_batch(p, self.data, idx, with_natural)
             x, y = torch.from_numpy(x), torch.from_numpy(y)
             return (x.pin_memory() if self.pin else x, y, nat[0] if nat else None, len(idx), True)
-        natural, y = None, None
-        if self.on_worker and p.in_pos is None and slot is not None and self._whole_records():
+        if p.in_pos is None and self.on_worker and slot is not None and self._whole_records():
             x = self._read_normalised(idx, slot)
-            if with_natural or self._targets is None:
-                natural = p.task.targets(self.data, idx)
-            y = torch.from_numpy(self._targets[idx] if self._targets is not None else
-                                 np.asarray(p.task.encode_targets(natural, p.target_state), np.float32))
-            return x, y, natural, len(idx), True
+            return (x, *self._labels(idx, with_natural), len(idx), True)
         adu = torch.from_numpy(self._read_adu(idx, slot if self.on_worker else None))
-        if p.in_pos is None:
-            if with_natural or self._targets is None:
-                natural = p.task.targets(self.data, idx)
-            y = torch.from_numpy(self._targets[idx] if self._targets is not None else
-                                 np.asarray(p.task.encode_targets(natural, p.target_state), np.float32))
+        y, natural = self._labels(idx, with_natural) if p.in_pos is None else (None, None)
         if self.on_worker:
             x, y, natural = self._normalise(adu, y, natural, with_natural, self._buffer(slot, tuple(adu.shape))
                                             if p.in_pos is None else None)
             return x, y, natural, len(idx), True
         return (adu.pin_memory() if self.pin else adu, y, natural, len(idx), False)
+
+    def _labels(self, idx: np.ndarray, with_natural: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+        """(encoded targets, targets in natural units when asked or needed) of a non-reconstruction batch."""
+        p = self.prep
+        natural = p.task.targets(self.data, idx) if with_natural or self._targets is None else None
+        y = self._targets[idx] if self._targets is not None else \
+            np.asarray(p.task.encode_targets(natural, p.target_state), np.float32)
+        return torch.from_numpy(y), natural
 
     def _normalise(self, adu, y, natural, with_natural: bool, out=None):
         if self.prep.in_pos is None:
