@@ -57,6 +57,27 @@ def test_batches_equal_the_host_path(synth_cache, task, leads, geometry):
                 np.testing.assert_array_equal(a.natural, b.natural)
 
 
+def test_normaliser_is_one_affine_for_adu_and_mv_and_checks_its_leads():
+    """x * scale + shift stands for (x / gain - mean) / std: within a few float32 ulps of it in
+    float64, from int16 adu or mV alike; a batch of the wrong lead count is refused, naming both."""
+    from ecgsearch.engine.inputs import Normalizer
+
+    rng = np.random.default_rng(0)
+    norm = Normalizer(("I", "II", "V1"), np.float32([0.02, -0.1, 0.3]), np.float32([0.15, 0.4, 0.9]))
+    adu = rng.integers(-32768, 32767, (5, 3, 700), endpoint=True).astype(np.int16)
+    exact = (adu / 1000.0 - norm.mean.astype(np.float64)[:, None]) / norm.std.astype(np.float64)[:, None]
+    from_adu = norm.apply(adu, gain=1000.0)
+    from_mv = norm.apply(adu / np.float32(1000))
+    for got in (from_adu, from_mv):
+        assert got.dtype == np.float32 and got.shape == adu.shape
+        # two roundings of the result plus one of each factor: well inside 8 ulps of the largest value
+        np.testing.assert_allclose(got, exact, rtol=0, atol=8 * np.spacing(np.float32(np.abs(exact).max())))
+    buf = (adu / np.float32(1000)).astype(np.float32)
+    assert norm.apply(buf, out=buf) is buf and np.array_equal(buf, from_mv)     # in place: the same numbers
+    with pytest.raises(ValueError, match=r"3 leads \(I,II,V1\) given 12 leads"):
+        norm.apply(np.zeros((2, 12, 10), np.float32))
+
+
 def test_blocked_gather_and_normalise_equals_the_host_path_and_refuses_bad_indices(synth_cache, monkeypatch):
     """The CPU fast path gathers and normalises a few records at a time (`BLOCK_BYTES`): blocks of
     3 records leave a short block in every batch; an index past the cache is refused, never clipped."""

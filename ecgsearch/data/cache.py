@@ -184,25 +184,30 @@ class ECGCache:
     def ages(self, idx=None) -> np.ndarray:
         return self.meta["age"].to_numpy(np.float32)[self._idx(idx)]
 
-    def signals_mv(self, idx=None, leads=None) -> np.ndarray:
-        """float32 mV copy (len(idx), n_leads, T); int16 storage is divided by `gain`."""
+    def signals_raw(self, idx=None, leads=None) -> np.ndarray:
+        """Stored samples (int16 adu or float32 mV) as a copy (len(idx), n_leads, T), in the order asked."""
         rows = self._idx(idx)
         lead_idx = lead_indices(parse_leads(leads), self.leads) if leads is not None else None
-        # Fancy indexing copies once; int16 then gets one float32 pass. Rows are read in
-        # file order (memory-mapped pages stream) and put back in the order asked.
+        # Fancy indexing copies once. Rows are read in file order (memory-mapped pages stream)
+        # and put back in the order asked.
         order = None if np.all(rows[1:] >= rows[:-1]) else np.argsort(rows, kind="stable")
         take = rows if order is None else rows[order]
         raw = self.signals[take] if lead_idx is None else self.signals[np.ix_(take, lead_idx)]
-        if raw.dtype == np.float32:
-            out = raw
-        else:
-            out = np.empty(raw.shape, dtype=np.float32)
-            np.divide(raw, np.float32(self.gain), out=out, dtype=np.float32)
         if order is not None:
-            back = np.empty_like(out)
-            back[order] = out
-            out = back
-        return out
+            back = np.empty_like(raw)
+            back[order] = raw
+            raw = back
+        return raw
+
+    def signals_mv(self, idx=None, leads=None) -> np.ndarray:
+        """float32 mV copy (len(idx), n_leads, T); int16 storage is divided by `gain`."""
+        raw = self.signals_raw(idx, leads)
+        return raw if raw.dtype == np.float32 else adu_to_mv(raw, self.gain)
+
+
+def adu_to_mv(adu: np.ndarray, gain: float) -> np.ndarray:
+    """int16 adu -> float32 mV: one float32 division per sample (what the loader does on a device)."""
+    return np.divide(adu, np.float32(gain), dtype=np.float32)
 
 
 def load_cache(path: str | Path, mmap: bool = True) -> ECGCache:

@@ -122,11 +122,11 @@ class Predictor:
                              f"[{','.join(self.leads)}], {want[1]} samples at {self.ck.fs} Hz) in mV")
         if not np.isfinite(x).all():
             raise ValueError("input holds NaN or infinite samples")
-        mean, std = self.ck.norm.mean[self.pos, None], self.ck.norm.std[self.pos, None]
+        norm = self.ck.norm.subset(self.leads)
         outs = []
         for i in range(0, len(x), batch_size):
             xb = np.zeros((len(x[i:i + batch_size]), len(self.ck.leads), want[1]), dtype=np.float32)
-            xb[:, self.pos] = (x[i:i + batch_size] - mean) / std
+            xb[:, self.pos] = norm.apply(x[i:i + batch_size])
             xt = torch.from_numpy(xb).to(self.device)
             with torch.inference_mode(), autocast(self.device, self.precision):
                 out = self.model(xt) if self.mask is None else self.model(xt, lead_mask=self.mask.to(self.device))

@@ -5,10 +5,12 @@ loop's own thread leaves the device idle meanwhile. Here worker threads build th
 while the current one computes (numpy's copies and torch's kernels release the GIL).
 
 The fast path (an int16 cache at the model's rate: a native one, or one written at the model's
-geometry by `data prepare --target-fs --n-samples`) ships the raw int16 block: half the bytes of float32 across PCIe, pinned on CUDA,
-and normalised on the device with the host path's float32 operations in its order ((adu / gain -
-mean) / std), so the numbers are bit-identical to it. On a CPU the worker threads normalise too. Any other cache (float32 storage, or a rate that still needs
-resampling) gets the host path (`prep.batch`) on the worker threads: the same overlap and numbers.
+geometry by `data prepare --target-fs --n-samples`) ships the raw int16 block: half the bytes of
+float32 across PCIe, pinned on CUDA, and normalised on the device with the host path's float32
+operations in its order (adu * scale + shift, `Normalizer.apply`), so the numbers are bit-identical
+to it. On a CPU the worker threads normalise too. Any other cache (float32 storage, or a rate that
+still needs resampling) gets the host path (`prep.batch`) on the worker threads: the same overlap
+and numbers.
 
 What a batch holds and the order of batches is the caller's: per-rank sharding and the
 deterministic, resumable epoch order live in the training loop, untouched by how batches are built.
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from ecgsearch.data import signal as sig
+from ecgsearch.engine.inputs import adu_at
 
 
 
@@ -39,8 +42,7 @@ class Batch:
 
 def fast_path(prep, data) -> bool:
     """True when batches can travel as raw int16 and be normalised on the device."""
-    signals = getattr(data, "signals", None)
-    return signals is not None and signals.dtype == np.int16 and int(data.fs) == int(prep.fs)
+    return adu_at(data, prep.fs)
 
 
 def auto_threads(device: torch.device) -> int:
@@ -62,7 +64,7 @@ def auto_threads(device: torch.device) -> int:
 
 # Float32 bytes normalised per block by the CPU fast path (`Loader._read_normalised`): a block's
 # int16 and float32 fit a core's L2 cache.
-BLOCK_BYTES = 2**20
+BLOCK_BYTES = 2**19
 
 
 def _check_indices(idx: np.ndarray, n: int) -> None:
@@ -73,19 +75,24 @@ def _check_indices(idx: np.ndarray, n: int) -> None:
 
 
 class _Norm:
-    """adu -> (adu / gain - mean) / std per lead: the host path's float32 operations in its order,
-    so the numbers are bit-identical to it (an Adam training amplifies even float rounding)."""
+    """adu -> adu * scale + shift per lead: `Normalizer.apply`'s float32 operations in its order,
+    so the numbers are bit-identical to the host path's (an Adam training amplifies even float
+    rounding)."""
 
     def __init__(self, norm, gain: float, device):
+        scale, shift = norm.affine(gain)
         self.gain = torch.tensor(np.float32(gain), device=device)
-        self.mean = torch.tensor(np.asarray(norm.mean, np.float32)[None, :, None], device=device)
-        self.std = torch.tensor(np.asarray(norm.std, np.float32)[None, :, None], device=device)
+        self.scale = torch.tensor(scale[None, :, None], device=device)
+        self.shift = torch.tensor(shift[None, :, None], device=device)
 
     def __call__(self, adu: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         # Into a reused buffer when given: a fresh 12 MB float batch costs more in page faults
         # than the arithmetic itself.
-        x = adu.to(torch.float32) if out is None else out.copy_(adu)
-        return x.div_(self.gain).sub_(self.mean).div_(self.std)
+        return self.scale_in_place(adu.to(torch.float32) if out is None else out.copy_(adu))
+
+    def scale_in_place(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 adu -> normalised, in place."""
+        return x.mul_(self.scale).add_(self.shift)
 
 
 class Loader:
@@ -136,22 +143,23 @@ class Loader:
         return self._lead_idx is None and self.data.signals.shape[2] == self.prep.n_samples
 
     def _read_normalised(self, idx: np.ndarray, slot) -> torch.Tensor:
-        """The normalised float32 batch, gathered and normalised a few records at a time.
+        """The normalised float32 batch, converted and normalised a few records at a time.
 
-        Why blocks: gathering the whole batch and then normalising it walks 6 MB of int16 and
-        four times 12 MB of float32 through memory; a block's int16 and float32 stay in the
-        core's cache between the steps (one core at (12, 4096), batch 64: 2.10 against 2.54 ms,
-        bench/input_pipeline.py). The operations and their order are `_Norm`'s: bit-identical."""
-        sig_ = self.data.signals
+        Each record goes from the page cache straight into the batch as float32 (numpy's casting
+        copy: exact for int16), and a block of records is scaled and shifted while it is still in
+        the core's cache. Gathering the whole batch first and then normalising it walked 6 MB of
+        int16 and three times 12 MB of float32 through memory. The operations and their order are
+        `_Norm`'s: bit-identical."""
+        sig_ = np.asarray(self.data.signals)     # a plain view: memmap's per-row subclassing costs
         _check_indices(idx, len(sig_))
         out = self._buffer(slot, (len(idx), *sig_.shape[1:]))
+        flat = out.numpy()
         per = max(1, BLOCK_BYTES // (4 * sig_.shape[1] * sig_.shape[2]))
-        scratch = self._buffer((slot[0], ("block", slot[1])), (min(per, len(idx)), *sig_.shape[1:]), torch.int16)
-        raw = scratch.numpy()
         for a in range(0, len(idx), per):
             part = idx[a:a + per]
-            np.take(sig_, part, axis=0, out=raw[:len(part)], mode="clip")   # checked above: none clipped
-            self._xnorm(scratch[:len(part)], out[a:a + len(part)])
+            for i, r in enumerate(part, a):
+                np.copyto(flat[i], sig_[r])
+            self._xnorm.scale_in_place(out[a:a + len(part)])
         return out
 
     def _read_adu(self, idx: np.ndarray, slot=None) -> np.ndarray:
@@ -232,12 +240,13 @@ class Loader:
         consumer that is done with each batch when it asks for the next (a training step, a
         prediction loop). When batch j is submitted the consumer has come back for batch
         j - prefetch, so it is done with j - prefetch - 1 and earlier: a ring of prefetch + 2
-        buffers is never written while read.
+        buffers is never written while read. Built in place (no worker threads), batch j is
+        built only once the consumer is back for it: one buffer, which stays warm in the caches.
         """
         # The buffers outlive the generator (a fresh ring every epoch would page-fault again);
         # a second reusing generator alive at the same time gets a ring of its own.
         own = self._ring_busy
-        ring, size = ({} if own else self._ring), self.prefetch + 2
+        ring, size = ({} if own else self._ring), (self.prefetch + 2 if self.threads else 1)
         self._ring_busy = self._ring_busy or (reuse and not own)
         try:
             yield from self._generate(chunks, with_natural, ring if reuse else None, size)

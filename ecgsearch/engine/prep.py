@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ecgsearch.data.cache import adu_to_mv
 from ecgsearch.engine.config import TrainConfig
 from ecgsearch.engine.inputs import Normalizer, SignalSource, resolve_geometry
 from ecgsearch.engine.runtime import autocast
@@ -118,16 +119,20 @@ def from_checkpoint(ck, data) -> Prepared:
 
 def batch(prep: Prepared, data, idx: np.ndarray, with_natural: bool = False):
     """(x normalised, y encoded[, y natural]) float32 arrays for record indices `idx`."""
-    raw = prep.source.read(idx)
-    if prep.in_pos is not None:
-        x = prep.norm.apply(raw[:, prep.in_pos])
-        y = prep.target_norm.apply(raw)
-        natural = raw
+    if prep.source.reads_adu:       # normalised from adu, as the loader does: the same numbers
+        raw, gain = prep.source.read_adu(idx), float(data.gain)
     else:
-        x = prep.norm.apply(raw, out=raw)       # raw is this call's own array: normalised in place
+        raw, gain = prep.source.read(idx), 1.0
+    if prep.in_pos is not None:
+        x = prep.norm.apply(raw[:, prep.in_pos], gain=gain)
+        y = prep.target_norm.apply(raw, gain=gain)
+        natural = raw if raw.dtype == np.float32 else adu_to_mv(raw, gain)
+    else:
+        # raw is this call's own array: mV are normalised in place
+        x = prep.norm.apply(raw, out=raw if raw.dtype == np.float32 else None, gain=gain)
         natural = prep.task.targets(data, idx)
         y = prep.task.encode_targets(natural, prep.target_state)
-    out = (x.astype(np.float32, copy=False), np.asarray(y, np.float32))
+    out = (x, np.asarray(y, np.float32))
     return out + (natural,) if with_natural else out
 
 
