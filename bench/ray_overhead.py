@@ -252,9 +252,15 @@ def main() -> int:
     print(f"(Ray start-up         {r['ray_start_s']:7.1f} s, once per session, not counted)")
     for k, label in (("tune_trial", "Tune trial"), ("torchtrainer", "1-worker TorchTrainer"),
                      ("ecgsearch_tune", "ecgsearch tune 1 trial")):
+        # round i of the path against round i of the plain process: the spread a reader should allow
+        paired = [a / b for a, b in zip(times[k], times["plain"])]
         ok = "ok" if r[f"{k}_ratio"] <= 1.10 else "ABOVE GOAL"
+        if (min(paired) <= 1.10) != (max(paired) <= 1.10) or (r[f"{k}_ratio"] <= 1.10) != (max(paired) <= 1.10):
+            ok += ", within noise: rounds on both sides"
         print(f"{label:22s}{r[k + '_s']:7.1f} s  {r[k + '_ratio']:.2f}x  (goal <= 1.10x: {ok}; "
               f"{r[k + '_ratio_vs_call']:.2f}x of the train call, {r[k + '_ratio_vs_warm']:.2f}x of the warm round)")
+        print(f"{'':22s}rounds {', '.join(f'{t:.1f}' for t in times[k])} s; paired with the plain rounds "
+              f"{min(paired):.2f}x - {max(paired):.2f}x")
     print("fixed cost per trial (path - plain): " + ", ".join(
         f"{k} {r[k + '_s'] - r['plain_s']:.1f} s" for k in ("tune_trial", "torchtrainer", "ecgsearch_tune")))
     print("TorchTrainer start-up phases, median over its runs (Ray Train's controller log): " + ", ".join(
