@@ -120,7 +120,7 @@ def from_checkpoint(ck, data) -> Prepared:
 def batch(prep: Prepared, data, idx: np.ndarray, with_natural: bool = False):
     """(x normalised, y encoded[, y natural]) float32 arrays for record indices `idx`."""
     if prep.source.reads_adu:       # normalised from adu, as the loader does: the same numbers
-        raw, gain = prep.source.read_adu(idx), float(data.gain)
+        raw, gain = prep.source.read_adu(idx), float(prep.source.data.gain)
     else:
         raw, gain = prep.source.read(idx), 1.0
     if prep.in_pos is not None:
