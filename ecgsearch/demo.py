@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     run("info", ["data", "info", str(cache)])
     run("train 12-lead ResNet", ["train", "--data", str(cache), "--model", "resnet1d_tiny", "--task", "rhythm",
                                  "--epochs", str(z["train_epochs"]), "--out", str(out / "resnet12"),
-                                 "--set", "lr=0.003", "--set", "batch_size=32", *fast])
+                                 "--set", "lr=0.003", "--set", "batch_size=32", "--tracking-uri", uri, *fast])
     run("tune ML-ResNet", ["tune", "--data", str(cache), "--model", "mlresnet_tiny", "--task", "rhythm",
                            "--trials", str(z["trials"]), "--epochs", str(z["tune_epochs"]), "--out", str(out / "study"),
                            "--tracking-uri", uri, *z["extra"]])

@@ -21,9 +21,38 @@ def trained(synth_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
     rc = main(["train", "--data", str(synth_cache), "--model", "resnet1d_tiny", "--task", "rhythm",
                "--leads", "V1,I,II", "--epochs", "2", "--out", str(out), "--set", "threads=1",
-               "--set", "bootstrap=100", "--set", "precision=\"fp32\""])
+               "--set", "bootstrap=100", "--set", "precision=\"fp32\"",
+               "--tracking-uri", f"sqlite:///{out.parent / 'mlflow.db'}"])
     assert rc == 0
     return out
+
+
+def test_train_logs_one_mlflow_run_that_resume_continues(trained, synth_cache, capsys):
+    """Every epoch, the test metrics with their CIs, the config and the files land in one MLflow
+    run; --resume reopens that run and adds the next epochs to it."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{trained.parent / 'mlflow.db'}"
+    saved = json.loads((trained / "mlflow_run.json").read_text())
+    assert saved["tracking_uri"] == uri
+    client = MlflowClient(uri)
+    run = client.get_run(saved["run_id"])
+    assert run.info.status == "FINISHED" and client.get_experiment(run.info.experiment_id).name == "ecgsearch-rhythm"
+    assert run.data.tags["kind"] == "train" and run.data.tags["leads"] == "I,II,V1" and run.data.tags["n_leads"] == "3"
+    assert run.data.params["cfg.model"] == "resnet1d_tiny" and run.data.params["cfg.epochs"] == "2"
+    m = json.loads((trained / "metrics.json").read_text())
+    assert run.data.metrics["test/macro_auroc"] == pytest.approx(m["test"]["macro_auroc"])
+    assert run.data.metrics["test/ci/macro_auroc/lo"] == pytest.approx(m["test"]["ci"]["macro_auroc"][0])
+    assert "test_operating/macro_f1" in run.data.metrics
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "score")] == [1, 2]
+    assert {"config.json", "metrics.json", "model.ckpt"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    rc = main(["train", "--data", str(synth_cache), "--config", str(trained / "config.json"), "--epochs", "3",
+               "--out", str(trained), "--resume", "--tracking-uri", uri])
+    assert rc == 0 and f"MLflow run {saved['run_id']}" in capsys.readouterr().out
+    assert json.loads((trained / "mlflow_run.json").read_text())["run_id"] == saved["run_id"]
+    assert [h.step for h in client.get_metric_history(saved["run_id"], "score")] == [1, 2, 3]
+    assert client.get_run(saved["run_id"]).info.status == "FINISHED"
 
 
 def test_train_writes_checkpoint_and_metrics(trained):

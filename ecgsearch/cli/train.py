@@ -22,7 +22,11 @@ def register(sub) -> None:
                                     "(e.g. ribeiro2020)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set lr=3e-4 --set model_kwargs.dropout=0.3")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last/model.ckpt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last/model.ckpt (and its MLflow run)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db: "
+                                          "one store per working directory)")
+    p.add_argument("--experiment", help="MLflow experiment (default: ecgsearch-<task>)")
+    p.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     p.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="score a checkpoint on a cache split")
@@ -66,19 +70,66 @@ def _config(args):
     return apply_overrides(cfg, args.overrides)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from ecgsearch.engine import evaluate, train
-    from ecgsearch.engine.evaluate import operating_points
+RUN_FILE = "mlflow_run.json"     # OUT's MLflow run, reopened by --resume
 
+
+def cmd_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = _config(args)
     out = Path(args.out)
     resume = out / "last" / "model.ckpt" if args.resume else None
     if resume is not None and not resume.exists():
         raise FileNotFoundError(f"--resume given but {resume} does not exist")
+    if not Path(args.data).exists() and "://" not in str(args.data):
+        raise FileNotFoundError(f"data cache {args.data} does not exist; run `ecgsearch data prepare` first")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    result = train(cfg, args.data, out, resume_from=resume)
+    tracker, run = _track(args, cfg, out)
+    try:
+        metrics = _train(args, cfg, out, resume, tracker, run)
+        tracker.end(run)
+    except BaseException as exc:
+        tracker.end(run, "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED", error=exc)
+        raise
+    finally:
+        report = tracker.close()
+    if report.problems:
+        print(f"warning: {report.problems} MLflow call(s) not logged; see {out}", file=sys.stderr)
+    _summary(metrics["test"], cfg.task, "test")
+    if "operating_points" in metrics:
+        _operating_summary(metrics["operating_points"])
+    where = f" (MLflow run {run} at {tracker.uri})" if tracker.enabled else ""
+    print(f"wrote {out / 'model.ckpt'} and {out / 'metrics.json'}{where}")
+    return 0
+
+
+def _track(args, cfg, out: Path):
+    """The MLflow run of this training: a new one, or with --resume the run OUT recorded."""
+    from ecgsearch.leads import leads_key
+    from ecgsearch.tracking import make_tracker
+
+    tracker = make_tracker(args.tracking_uri, args.experiment or f"ecgsearch-{cfg.task}", out,
+                           enabled=not args.no_tracking)
+    if not tracker.enabled:
+        return tracker, None
+    saved = json.loads((out / RUN_FILE).read_text()) if args.resume and (out / RUN_FILE).is_file() else {}
+    run_id = saved.get("run_id") if saved.get("tracking_uri") == tracker.uri else None
+    leads = leads_key(cfg.leads)
+    run = tracker.parent(f"train-{cfg.model}-{cfg.task}-{out.name}", {"cfg": cfg.to_dict(), "data": str(args.data)},
+                         {"kind": "train", "task": cfg.task, "model": cfg.model, "leads": leads,
+                          "n_leads": len(cfg.leads)}, run_id=run_id)
+    (out / RUN_FILE).write_text(json.dumps({"tracking_uri": tracker.uri, "run_id": run}))
+    return tracker, run
+
+
+def _train(args, cfg, out: Path, resume, tracker, run) -> dict:
+    """Train, score val and test, write OUT/metrics.json; every epoch and the result to MLflow."""
+    from ecgsearch.engine import evaluate, train
+    from ecgsearch.engine.evaluate import operating_points
+    from ecgsearch.metrics import flatten_metrics
+
+    result = train(cfg, args.data, out, resume_from=resume,
+                   on_epoch=lambda rep: tracker.log_metrics(run, rep.metrics, step=rep.epoch))
     metrics = {"config": cfg.to_dict(), "best_epoch": result.best_epoch, "precision": result.state.precision,
                "val": evaluate(result.state, args.data, "val"), "test": evaluate(result.state, args.data, "test")}
     # Thresholds come from the validation fold (stored in the checkpoint); the test fold only scores them.
@@ -86,11 +137,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ops is not None:
         metrics["operating_points"] = ops
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    _summary(metrics["test"], result.state.cfg.task, "test")
-    if ops is not None:
-        _operating_summary(ops)
-    print(f"wrote {out / 'model.ckpt'} and {out / 'metrics.json'}")
-    return 0
+    tracker.log_metrics(run, {"best_epoch": result.best_epoch, **flatten_metrics(metrics["test"], "test/", strict=False),
+                              **flatten_metrics(ops or {}, "test_operating/", strict=False)})
+    tracker.log_artifacts(run, [out / "config.json", out / "metrics.json", out / "model.ckpt"])
+    return metrics
 
 
 def _summary(m: dict, task: str, split: str) -> None:

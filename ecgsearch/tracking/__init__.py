@@ -26,8 +26,9 @@ Tracker(uri, experiment, out)
     .uri / .experiment / .enabled
 live(out) -> the open Tracker of that folder in this process (for Tune's unpickled callbacks)
 
-Tags (one vocabulary): kind (study | trial | search | step | candidate | baseline | subset),
-task, model, study or search (the parent's name), leads, n_leads; trial_id, error, resumed.
+Tags (one vocabulary): kind (train | study | trial | search | step | candidate | baseline | subset |
+reconstruction), task, model, study or search (the parent's name), leads, n_leads; trial_id, error,
+resumed.
 Children inherit task/model/study/search from their parent. Experiments carry
 mlflow.experimentKind=custom_model_development so MLflow 3 opens them as training runs.
 """
