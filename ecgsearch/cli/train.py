@@ -80,13 +80,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = out / "last" / "model.ckpt" if args.resume else None
     if resume is not None and not resume.exists():
         raise FileNotFoundError(f"--resume given but {resume} does not exist")
-    if not Path(args.data).exists() and "://" not in str(args.data):
-        raise FileNotFoundError(f"data cache {args.data} does not exist; run `ecgsearch data prepare` first")
+    from ecgsearch.engine import open_data
+
+    # Opened once, before any MLflow run: a path that is no prepared cache is refused here (the
+    # error names it), and training, both evaluations and the operating points share the one map.
+    data = open_data(args.data)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     tracker, run = _track(args, cfg, out)
     try:
-        metrics = _train(args, cfg, out, resume, tracker, run)
+        metrics = _train(data, cfg, out, resume, tracker, run)
         tracker.end(run)
     except BaseException as exc:
         tracker.end(run, "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED", error=exc)
@@ -122,18 +125,18 @@ def _track(args, cfg, out: Path):
     return tracker, run
 
 
-def _train(args, cfg, out: Path, resume, tracker, run) -> dict:
+def _train(data, cfg, out: Path, resume, tracker, run) -> dict:
     """Train, score val and test, write OUT/metrics.json; every epoch and the result to MLflow."""
     from ecgsearch.engine import evaluate, train
     from ecgsearch.engine.evaluate import operating_points
     from ecgsearch.metrics import flatten_metrics
 
-    result = train(cfg, args.data, out, resume_from=resume,
+    result = train(cfg, data, out, resume_from=resume,
                    on_epoch=lambda rep: tracker.log_metrics(run, rep.metrics, step=rep.epoch))
     metrics = {"config": cfg.to_dict(), "best_epoch": result.best_epoch, "precision": result.state.precision,
-               "val": evaluate(result.state, args.data, "val"), "test": evaluate(result.state, args.data, "test")}
+               "val": evaluate(result.state, data, "val"), "test": evaluate(result.state, data, "test")}
     # Thresholds come from the validation fold (stored in the checkpoint); the test fold only scores them.
-    ops = operating_points(result.state, args.data, "test", bootstrap=cfg.bootstrap)
+    ops = operating_points(result.state, data, "test", bootstrap=cfg.bootstrap)
     if ops is not None:
         metrics["operating_points"] = ops
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

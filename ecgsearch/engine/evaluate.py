@@ -105,6 +105,7 @@ class Predictor:
         self.model = self.ck.model.to(self.device).eval()
         self.leads = tuple(self.ck.leads) if keep is None else tuple(parse_leads(keep))
         self.pos = lead_indices(self.leads, self.ck.leads)   # errors name leads the model lacks
+        self.norm = self.ck.norm.subset(self.leads)
         self.mask = None
         if len(self.pos) < len(self.ck.leads) and hasattr(self.model, "select_leads"):
             self.mask = torch.zeros(len(self.ck.leads), dtype=torch.bool)
@@ -122,11 +123,10 @@ class Predictor:
                              f"[{','.join(self.leads)}], {want[1]} samples at {self.ck.fs} Hz) in mV")
         if not np.isfinite(x).all():
             raise ValueError("input holds NaN or infinite samples")
-        norm = self.ck.norm.subset(self.leads)
         outs = []
         for i in range(0, len(x), batch_size):
             xb = np.zeros((len(x[i:i + batch_size]), len(self.ck.leads), want[1]), dtype=np.float32)
-            xb[:, self.pos] = norm.apply(x[i:i + batch_size])
+            xb[:, self.pos] = self.norm.apply(x[i:i + batch_size])
             xt = torch.from_numpy(xb).to(self.device)
             with torch.inference_mode(), autocast(self.device, self.precision):
                 out = self.model(xt) if self.mask is None else self.model(xt, lead_mask=self.mask.to(self.device))

@@ -69,7 +69,8 @@ BLOCK_BYTES = 2**19
 
 
 def _check_indices(idx: np.ndarray, n: int) -> None:
-    """Gathers run with mode="clip", so an index out of range must be refused here, not clipped."""
+    """The fast paths' gathers neither raise nor refuse (mode="clip" clips; a negative row index
+    wraps), so an index out of range must be refused here."""
     if len(idx) and (idx.min() < 0 or idx.max() >= n):
         bad = idx[(idx < 0) | (idx >= n)]
         raise IndexError(f"record index {int(bad[0])} out of range for a cache of {n} records")
